@@ -1,0 +1,62 @@
+"""The application factory: the route table and nothing else (no I/O, no timers, no sockets)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tornado.web import Application, RequestHandler, url
+
+from kvtornado import handlers as h
+from kvtornado.auth import Authenticator
+from kvtornado.config import Config
+
+access_log = logging.getLogger("kvtornado.access")
+
+
+def _log_request(handler: RequestHandler) -> None:
+    # Successful requests are logged at DEBUG: at INFO a line per request costs more than the request.
+    status = handler.get_status()
+    level = logging.DEBUG if status < 400 else logging.INFO if status < 500 else logging.WARNING
+    if access_log.isEnabledFor(level):
+        req = handler.request
+        # The path only: query strings carry keys, and no header (Authorization) is ever logged.
+        access_log.log(level, "%d %s %s (%s) %.2fms", status, req.method, req.path, req.remote_ip,
+                       1000.0 * req.request_time())
+
+
+def make_app(
+    config: Config,
+    *,
+    authenticator: Authenticator | None = None,
+    kv: h.KeyValue | None = None,
+    admin: bool = False,
+    **settings: Any,
+) -> Application:
+    """Routes for one exercise: ``/ping`` always; ``/authorize`` with an authenticator; the data routes
+    with a key/value store; ``/flush`` and ``/stats`` with ``admin`` (exercise 4)."""
+    if kv is not None and authenticator is None:
+        raise ValueError("the data routes need an authenticator")
+    svc = h.Service(config=config, authenticator=authenticator, kv=kv)
+    args = {"svc": svc}
+    routes = [url(r"/ping", h.PingHandler, args)]
+    if authenticator is not None:
+        routes.append(url(r"/authorize", h.AuthorizeHandler, args))
+    if kv is not None:
+        routes += [
+            url(r"/save", h.SaveHandler, args),
+            url(r"/get", h.GetHandler, args),
+            url(r"/delete", h.DeleteHandler, args),
+        ]
+        if admin:
+            routes += [url(r"/flush", h.FlushHandler, args), url(r"/stats", h.StatsHandler, args)]
+    app = Application(
+        routes,
+        default_handler_class=h.NotFoundHandler,
+        default_handler_args=args,
+        log_function=_log_request,
+        serve_traceback=False,
+        **settings,
+    )
+    app.settings["kv_service"] = svc
+    return app

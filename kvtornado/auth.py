@@ -1,0 +1,307 @@
+"""``KV-HMAC-SHA256``: pre-shared keys, a MAC over the raw request, a clock window, one-time nonces.
+
+The string to sign is nine fields joined by ``\\n``: the scheme, key id, timestamp, nonce, method,
+host, raw path, raw query and the SHA-256 of the raw body. Signing the request line and body bytes
+exactly as sent avoids the canonicalisation and re-serialisation pitfalls of other schemes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import hmac
+import logging
+import os
+import re
+import secrets
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvtornado.errors import AuthError, ConfigError
+
+SCHEME = "KV-HMAC-SHA256"
+EMPTY_BODY_SHA256 = hashlib.sha256(b"").hexdigest()
+KEY_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+NONCE_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+SIG_RE = re.compile(r"[0-9a-f]{64}")
+# A timestamp is a base-10 integer; 20 digits is far past any real clock and keeps int() cheap.
+TS_RE = re.compile(r"-?[0-9]{1,20}")
+MIN_SECRET_CHARS = 32
+_PARAMS = ("keyid", "ts", "nonce", "sig")
+
+log = logging.getLogger("kvtornado.auth")
+
+
+# --- keys file -------------------------------------------------------------------------------
+
+
+def _is_secret_text(s: str) -> bool:
+    # printable ASCII without white space: '!' (0x21) .. '~' (0x7e)
+    return all("!" <= ch <= "~" for ch in s)
+
+
+def parse_keys(text: str, *, label: str) -> dict[str, bytes]:
+    """Parse ``<key_id> <secret>`` lines; errors name the line, never the secret."""
+    keys: dict[str, bytes] = {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ConfigError(f"{label} line {lineno}: expected '<key_id> <secret>' (two fields separated by a space)")
+        key_id, secret = parts
+        if not KEY_ID_RE.fullmatch(key_id):
+            raise ConfigError(f"{label} line {lineno}: key id must match [A-Za-z0-9._-]{{1,64}}")
+        if not _is_secret_text(secret):
+            raise ConfigError(f"{label} line {lineno}: secret for key id {key_id!r} must be printable ASCII")
+        if len(secret) < MIN_SECRET_CHARS:
+            raise ConfigError(
+                f"{label} line {lineno}: secret for key id {key_id!r} is too short "
+                f"({len(secret)} characters, need at least {MIN_SECRET_CHARS})"
+            )
+        if key_id in keys:
+            raise ConfigError(f"{label} line {lineno}: duplicate key id {key_id!r}")
+        keys[key_id] = secret.encode("ascii")
+    if not keys:
+        raise ConfigError(f"{label}: no keys (add a line '<key_id> <secret>')")
+    return keys
+
+
+def create_keys_file(path: Path) -> None:
+    """Create the keys file (folder 0700, file 0600) with one fresh key named ``default``."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    line = f"default {secrets.token_hex(32)}\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, line.encode("ascii"))
+    finally:
+        os.close(fd)
+
+
+def load_keys(path: Path, *, create: bool = True) -> dict[str, bytes]:
+    """Load the keys file, creating it with one fresh key when missing (``create``)."""
+    if not path.exists() and create:
+        try:
+            create_keys_file(path)
+        except FileExistsError:
+            pass  # another process created it between our check and open: use theirs
+        except OSError as exc:
+            raise ConfigError(f"{path}: keys file is missing and cannot be created ({exc.strerror})") from None
+        else:
+            log.info("created keys file %s with one new key 'default'", path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: keys file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read keys file ({exc.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path}: keys file is not a regular file")
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{path}: keys file is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run: chmod 600 {path}"
+        )
+    try:
+        text = path.read_text(encoding="ascii")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: keys file must be ASCII text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read keys file ({exc.strerror})") from None
+    return parse_keys(text, label=str(path))
+
+
+# --- signing ---------------------------------------------------------------------------------
+
+
+def body_sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest() if body else EMPTY_BODY_SHA256
+
+
+def string_to_sign(
+    *, key_id: str, ts: int | str, nonce: str, method: str, host: str, path: str, query: str, body_hash: str
+) -> str:
+    """The nine fields, joined by ``\\n`` with no trailing newline."""
+    return "\n".join((SCHEME, key_id, str(ts), nonce, method.upper(), host.lower(), path, query, body_hash))
+
+
+def signature(secret: bytes, sts: str) -> str:
+    return hmac.new(secret, sts.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def authorization_header(*, key_id: str, ts: int, nonce: str, sig: str) -> str:
+    return f"{SCHEME} keyid={key_id}, ts={ts}, nonce={nonce}, sig={sig}"
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(16)
+
+
+def sign_request(
+    secret: bytes,
+    *,
+    key_id: str,
+    method: str,
+    host: str,
+    path: str,
+    query: str = "",
+    body: bytes = b"",
+    ts: int | None = None,
+    nonce: str | None = None,
+) -> str:
+    """Return the ``Authorization`` header value for one request."""
+    ts = int(time.time()) if ts is None else ts
+    nonce = new_nonce() if nonce is None else nonce
+    sts = string_to_sign(
+        key_id=key_id, ts=ts, nonce=nonce, method=method, host=host, path=path, query=query,
+        body_hash=body_sha256(body),
+    )
+    return authorization_header(key_id=key_id, ts=ts, nonce=nonce, sig=signature(secret, sts))
+
+
+# --- verification ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuthParams:
+    key_id: str
+    ts: int
+    nonce: str
+    sig: str
+
+
+def _malformed(message: str) -> AuthError:
+    return AuthError("malformed_auth", message)
+
+
+def parse_authorization(value: str | None) -> AuthParams:
+    """Parse the header; raises ``AuthError`` ``missing_auth`` or ``malformed_auth``."""
+    if value is None:
+        raise AuthError("missing_auth", "This endpoint needs an Authorization: KV-HMAC-SHA256 header.")
+    if "\r" in value or "\n" in value:
+        raise _malformed("The Authorization header must not contain CR or LF.")
+    scheme, _, rest = value.strip().partition(" ")
+    if scheme != SCHEME:
+        raise _malformed("The Authorization scheme must be KV-HMAC-SHA256.")
+    found: dict[str, str] = {}
+    for part in rest.split(","):
+        name, eq, val = part.strip().partition("=")
+        name, val = name.strip(), val.strip()
+        if not eq or name not in _PARAMS:
+            raise _malformed("Authorization parameters must be keyid, ts, nonce and sig, as name=value.")
+        if name in found:
+            raise _malformed(f"The Authorization parameter {name} appears more than once.")
+        found[name] = val
+    missing = [p for p in _PARAMS if p not in found]
+    if missing:
+        raise _malformed(f"The Authorization header lacks {', '.join(missing)}.")
+    if not KEY_ID_RE.fullmatch(found["keyid"]):
+        raise _malformed("keyid must match [A-Za-z0-9._-]{1,64}.")
+    if not TS_RE.fullmatch(found["ts"]):
+        raise _malformed("ts must be a base-10 integer of unix seconds.")
+    if not NONCE_RE.fullmatch(found["nonce"]):
+        raise _malformed("nonce must match [A-Za-z0-9_-]{16,64}.")
+    if not SIG_RE.fullmatch(found["sig"]):
+        raise _malformed("sig must be 64 lowercase hex characters.")
+    return AuthParams(found["keyid"], int(found["ts"]), found["nonce"], found["sig"])
+
+
+class NonceStore:
+    """Remembers ``(key_id, nonce)`` while its timestamp is inside the window, never more than ``max_entries``.
+
+    When full it drops the entries with the oldest timestamps and raises ``floor``: a timestamp at or below
+    the highest dropped one is refused from then on, so a dropped nonce can never be replayed.
+    """
+
+    def __init__(self, *, max_entries: int, max_skew_s: int) -> None:
+        self.max_entries = max_entries
+        self.max_skew_s = max_skew_s
+        self.floor: int | None = None
+        self._seen: dict[tuple[str, str], int] = {}
+        self._heap: list[tuple[int, str, str]] = []  # (ts, key_id, nonce), oldest timestamp first
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def below_floor(self, ts: int) -> bool:
+        return self.floor is not None and ts <= self.floor
+
+    def seen(self, key_id: str, nonce: str) -> bool:
+        return (key_id, nonce) in self._seen
+
+    def _pop_oldest(self) -> int:
+        ts, key_id, nonce = heapq.heappop(self._heap)
+        del self._seen[(key_id, nonce)]
+        return ts
+
+    def add(self, key_id: str, nonce: str, ts: int, now: float) -> None:
+        """Remember a nonce; the caller has checked ``seen`` and the window."""
+        # Entries whose timestamp has left the window can go: such a timestamp is refused as stale anyway.
+        horizon = now - self.max_skew_s
+        while self._heap and self._heap[0][0] < horizon:
+            self._pop_oldest()
+        if len(self._seen) >= self.max_entries:
+            dropped = self._pop_oldest()
+            # Everything at the same timestamp is now below the floor too: drop it, it can never match again.
+            while self._heap and self._heap[0][0] <= dropped:
+                self._pop_oldest()
+            self.floor = dropped if self.floor is None else max(self.floor, dropped)
+        self._seen[(key_id, nonce)] = ts
+        heapq.heappush(self._heap, (ts, key_id, nonce))
+
+
+class Authenticator:
+    """Verifies ``KV-HMAC-SHA256`` requests in the order of SPEC §4; the clock is injectable."""
+
+    def __init__(
+        self,
+        keys: dict[str, bytes],
+        *,
+        max_skew_s: int = 300,
+        max_nonces: int = 1_000_000,
+        public_host: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.keys = dict(keys)
+        self.max_skew_s = max_skew_s
+        self.public_host = public_host.lower() if public_host else None
+        self.clock = clock
+        self.nonces = NonceStore(max_entries=max_nonces, max_skew_s=max_skew_s)
+
+    def verify(
+        self,
+        *,
+        authorization: str | None,
+        method: str,
+        host: str,
+        path: str,
+        query: str,
+        body: bytes,
+        now: float | None = None,
+    ) -> str:
+        """Return the key id of a valid request, or raise ``AuthError`` with its SPEC §4 code."""
+        params = parse_authorization(authorization)
+        secret = self.keys.get(params.key_id)
+        if secret is None:
+            raise AuthError("unknown_key", "The key id is not known to this server.")
+        sts = string_to_sign(
+            key_id=params.key_id, ts=params.ts, nonce=params.nonce, method=method,
+            host=self.public_host or host, path=path, query=query, body_hash=body_sha256(body),
+        )
+        if not hmac.compare_digest(signature(secret, sts), params.sig):
+            raise AuthError("bad_signature", "The signature does not match the request.")
+        now = self.clock() if now is None else now
+        if abs(now - params.ts) > self.max_skew_s or self.nonces.below_floor(params.ts):
+            raise AuthError(
+                "stale_timestamp",
+                f"The timestamp is outside the accepted window of {self.max_skew_s} s; see X-KV-Server-Time.",
+                headers={"X-KV-Server-Time": str(int(now))},
+            )
+        if self.nonces.seen(params.key_id, params.nonce):
+            raise AuthError("replayed_nonce", "This nonce has been used already; sign each request anew.")
+        self.nonces.add(params.key_id, params.nonce, params.ts, now)
+        return params.key_id

@@ -1,0 +1,151 @@
+"""Request bodies, keys and values: parsing and limits shared by every data endpoint.
+
+Values are stored as their compact UTF-8 JSON text, so ``/get`` returns exactly what was saved
+(same JSON type, same unicode) without decoding it again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import Any
+from urllib.parse import parse_qsl
+
+from kvtornado.errors import InvalidJSON, InvalidKey, MissingKey, MissingValue, TooLarge, UnsupportedMediaType
+
+MAX_JSON_DEPTH = 1000
+# The C JSON decoder and encoder recurse once per nesting level; give them room for 1000 levels
+# plus the stack of the handler that calls them. Raised once, at import, never lowered.
+if sys.getrecursionlimit() < MAX_JSON_DEPTH + 2000:
+    sys.setrecursionlimit(MAX_JSON_DEPTH + 2000)
+
+# A JSON string, or one bracket: enough to measure nesting without decoding.
+_DEPTH_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_OPENERS = frozenset(b"[{")
+
+JSON_TYPES = ("application/json",)
+FORM_TYPES = ("application/x-www-form-urlencoded",)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest array/object nesting of a JSON text (strings skipped); cheap when brackets are few."""
+    depth = deepest = 0
+    for m in _DEPTH_TOKEN.finditer(body):
+        c = m.group()[0]
+        if c == 0x22:  # a string
+            continue
+        if c in _OPENERS:
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        else:
+            depth -= 1
+    return deepest
+
+
+def parse_json(body: bytes) -> Any:
+    """Decode a JSON body; invalid UTF-8, NaN/Infinity or nesting deeper than 1000 is ``InvalidJSON``."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidJSON("The request body is not valid UTF-8.") from None
+    # Only a body with more than 1000 brackets can nest that deep: count first, it is far cheaper.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(body) > MAX_JSON_DEPTH:
+        raise InvalidJSON(f"The JSON nests deeper than {MAX_JSON_DEPTH} levels.")
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        detail = f" ({exc.msg} at position {exc.pos})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise InvalidJSON(f"The request body is not valid JSON{detail}.") from None
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def check_key(key: Any, max_key_bytes: int) -> str:
+    if not isinstance(key, str):
+        raise InvalidKey("The key must be a string.")
+    if not key:
+        raise InvalidKey("The key must not be empty.")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidKey("The key is not valid unicode (it holds a lone surrogate).") from None
+    if size > max_key_bytes:
+        raise TooLarge(f"The key is {size} bytes; the limit is {max_key_bytes}.")
+    return key
+
+
+def encode_value(value: Any, max_value_bytes: int) -> str:
+    """The value's compact JSON text, checked against the value limit."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidJSON("The value is not valid unicode (it holds a lone surrogate).") from None
+    except (ValueError, RecursionError):
+        raise InvalidJSON("The value cannot be stored as JSON.") from None
+    if size > max_value_bytes:
+        raise TooLarge(f"The value is {size} bytes as compact JSON; the limit is {max_value_bytes}.")
+    return text
+
+
+def _form_fields(body: bytes) -> dict[str, str]:
+    try:
+        text = body.decode("utf-8")
+        pairs = parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidJSON("The form body is not valid percent-encoded UTF-8.") from None
+    return dict(pairs)  # a repeated field: the last one wins
+
+
+def parse_body_fields(content_type: str | None, body: bytes) -> tuple[dict[str, Any], bool]:
+    """The body's fields, and whether it was JSON (form values are always strings)."""
+    mt = media_type(content_type)
+    if mt in JSON_TYPES:
+        doc = parse_json(body)
+        if not isinstance(doc, dict):
+            raise InvalidJSON("The request body must be a JSON object.")
+        return doc, True
+    if mt in FORM_TYPES:
+        return _form_fields(body), False
+    raise UnsupportedMediaType(
+        f"Content-Type {mt or '(none)'} is not supported; send application/json or application/x-www-form-urlencoded."
+    )
+
+
+def parse_save(content_type: str | None, body: bytes, *, max_key_bytes: int, max_value_bytes: int) -> tuple[str, str]:
+    """``(key, value_json)`` from a ``/save`` body."""
+    fields, _ = parse_body_fields(content_type, body)
+    if "key" not in fields:
+        raise MissingKey("The body has no \"key\".")
+    key = check_key(fields["key"], max_key_bytes)
+    if "value" not in fields:
+        raise MissingValue("The body has no \"value\".")
+    return key, encode_value(fields["value"], max_value_bytes)
+
+
+def parse_key_body(content_type: str | None, body: bytes, *, max_key_bytes: int) -> str:
+    fields, _ = parse_body_fields(content_type, body)
+    if "key" not in fields:
+        raise MissingKey("The body has no \"key\".")
+    return check_key(fields["key"], max_key_bytes)
+
+
+def query_fields(query: str) -> dict[str, str]:
+    try:
+        return dict(parse_qsl(query, keep_blank_values=True, encoding="utf-8", errors="strict"))
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidKey("The query string is not valid percent-encoded UTF-8.") from None
+
+
+def key_from_query(fields: dict[str, str], *, max_key_bytes: int) -> str:
+    if "key" not in fields:
+        raise MissingKey("Name the key in the query: ?key=...")
+    return check_key(fields["key"], max_key_bytes)

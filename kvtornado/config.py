@@ -1,0 +1,201 @@
+"""Configuration: ``config.yaml`` read into frozen dataclasses, every value checked.
+
+Every key is optional. An unknown key, a wrong type or an out-of-range value raises
+``ConfigError`` with one line naming the key, the value and what was expected.
+Relative paths are resolved against the config file's own folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kvtornado.errors import ConfigError
+
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8888
+    max_body_bytes: int = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    secret_file: Path = Path(".secrets/kv.keys")
+    max_skew_s: int = 300
+    max_nonces: int = 1_000_000
+    public_host: str | None = None
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: Path = Path("data/kv.sqlite3")
+    synchronous: str = "FULL"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    max_entries: int = 100_000
+    flush_interval_ms: int = 100
+    flush_batch_size: int = 5000
+    max_dirty: int = 100_000
+    durable_timeout_ms: int = 5000
+    shutdown_timeout_s: int = 30
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_key_bytes: int = 512
+    max_value_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    source: Path | None = None  # the file this came from; None for built-in defaults
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "auth": AuthConfig,
+    "storage": StorageConfig,
+    "cache": CacheConfig,
+    "limits": LimitsConfig,
+}
+
+
+def _show(value: Any) -> str:
+    """Render a rejected value the way it would be written in YAML/JSON."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+class _Checker:
+    def __init__(self, label: str, base_dir: Path) -> None:
+        self.label = label
+        self.base_dir = base_dir
+
+    def fail(self, name: str, expected: str, value: Any) -> ConfigError:
+        return ConfigError(f"{self.label}: {name} must be {expected}, got {_show(value)}")
+
+    def integer(self, name: str, value: Any, low: int, high: int | None = None) -> int:
+        # bool is an int subclass in Python; "true" is never a number here.
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise self.fail(name, f"an integer {bound}", value)
+        return value
+
+    def text(self, name: str, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(name, "a non-empty string", value)
+        return value
+
+    def path(self, name: str, value: Any) -> Path:
+        p = Path(self.text(name, value)).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+
+# Integer keys and their bounds (low, high or None); everything else is checked by name below.
+_INT_BOUNDS: dict[str, tuple[int, int | None]] = {
+    "server.port": (0, 65535),
+    "server.max_body_bytes": (1, None),
+    "auth.max_skew_s": (1, None),
+    "auth.max_nonces": (1, None),
+    "cache.max_entries": (1, None),
+    "cache.flush_interval_ms": (1, None),
+    "cache.flush_batch_size": (1, None),
+    "cache.max_dirty": (1, None),
+    "cache.durable_timeout_ms": (1, None),
+    "cache.shutdown_timeout_s": (1, None),
+    "limits.max_key_bytes": (1, None),
+    "limits.max_value_bytes": (1, None),
+}
+
+
+def _check_value(name: str, value: Any, c: _Checker) -> Any:
+    if name in _INT_BOUNDS:
+        low, high = _INT_BOUNDS[name]
+        return c.integer(name, value, low, high)
+    if name in ("auth.secret_file", "storage.path"):
+        return c.path(name, value)
+    if name == "storage.synchronous":
+        if not isinstance(value, str) or value.upper() not in SYNCHRONOUS_MODES:
+            raise c.fail(name, "one of " + " | ".join(SYNCHRONOUS_MODES), value)
+        return value.upper()
+    if name == "auth.public_host":
+        if value is None:
+            return None
+        host = c.text(name, value)
+        if any(ch.isspace() for ch in host):
+            raise c.fail(name, "a host name without white space, or null", value)
+        return host.lower()
+    return c.text(name, value)  # server.host
+
+
+def parse_config(data: Any, *, label: str = "config.yaml", base_dir: Path | None = None) -> Config:
+    """Validate an already-parsed YAML document (``None`` means empty) into a ``Config``."""
+    base = (base_dir or Path.cwd()).resolve()
+    c = _Checker(label, base)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: the top level must be a mapping of sections, got {_show(data)}")
+    sections: dict[str, Any] = {}
+    for section, raw in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"{label}: unknown key {_show(section)}; expected one of {', '.join(_SECTIONS)}")
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise c.fail(section, "a mapping", raw)
+        cls = _SECTIONS[section]
+        known = [f.name for f in fields(cls)]
+        for key in raw:
+            if key not in known:
+                raise ConfigError(
+                    f"{label}: unknown key {_show(f'{section}.{key}')}; expected one of "
+                    + ", ".join(f"{section}.{k}" for k in known)
+                )
+        values = {key: _check_value(f"{section}.{key}", value, c) for key, value in raw.items()}
+        if section == "auth" and "secret_file" not in values:
+            values["secret_file"] = base / AuthConfig.secret_file
+        if section == "storage" and "path" not in values:
+            values["path"] = base / StorageConfig.path
+        sections[section] = cls(**values)
+    sections.setdefault("auth", AuthConfig(secret_file=base / AuthConfig.secret_file))
+    sections.setdefault("storage", StorageConfig(path=base / StorageConfig.path))
+    return Config(**sections)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raises ``ConfigError`` with one line on any problem."""
+    p = Path(path).expanduser()
+    label = p.name
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read config file ({exc.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(f"{label}: not valid YAML{where}: {problem}") from None
+    cfg = parse_config(data, label=label, base_dir=p.resolve().parent)
+    return Config(cfg.server, cfg.auth, cfg.storage, cfg.cache, cfg.limits, source=p.resolve())

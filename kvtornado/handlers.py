@@ -1,0 +1,291 @@
+"""HTTP handlers. ``BaseHandler`` authenticates, reads the body under its limit and renders every error.
+
+Handlers implement ``do_<method>`` and raise ``KVError``s; they never format an error. Every handler
+streams its body (``stream_request_body``) so an oversized request is refused with a JSON 413 before it
+is read, instead of Tornado's bare 400.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tornado.web import HTTPError, RequestHandler, stream_request_body
+
+from kvtornado import codec
+from kvtornado.auth import Authenticator
+from kvtornado.config import Config
+from kvtornado.errors import (
+    BadRequest,
+    KVError,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    StorageError,
+    TooLarge,
+)
+
+log = logging.getLogger("kvtornado.handlers")
+
+JSON_CONTENT_TYPE = "application/json; charset=UTF-8"
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                 413: "too_large", 415: "unsupported_media_type", 503: "overloaded", 504: "durable_timeout"}
+
+
+class KeyValue(Protocol):
+    """What the data handlers need; ``SqliteStore`` and ``WriteBehindCache`` both provide it."""
+
+    async def get(self, key: str) -> str | None: ...
+    async def put(self, key: str, value: str, *, durable: bool = False) -> None: ...
+    async def delete(self, key: str, *, durable: bool = False) -> bool: ...
+    async def flush(self) -> int: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class Service:
+    """Collaborators and counters shared by every handler of one application."""
+
+    config: Config
+    authenticator: Authenticator | None = None
+    kv: KeyValue | None = None
+    rejected: dict[str, int] = field(default_factory=lambda: {"overloaded": 0})
+    in_flight: int = 0
+    stopping: bool = False
+
+
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+@stream_request_body
+class BaseHandler(RequestHandler):
+    """Auth, body limits, one JSON error shape. Subclasses define ``do_get``/``do_post``/..."""
+
+    auth_required = True
+
+    def initialize(self, svc: Service) -> None:
+        self.svc = svc
+        self.key_id: str | None = None
+        self._chunks: list[bytes] = []
+        self._body_bytes = 0
+        self._refused = False
+        self._counted = False
+
+    # -- request life cycle ---------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        self.svc.in_flight += 1
+        self._counted = True
+        limit = self.svc.config.server.max_body_bytes
+        announced = self.request.headers.get("Content-Length")
+        if announced is not None:
+            try:
+                size = int(announced)
+            except ValueError:
+                size = -1  # Tornado itself refuses a non-integer Content-Length before we get here
+            if size > limit:
+                self._refuse_body(TooLarge(f"The body is {size} bytes; the limit is {limit}."), size)
+
+    def _refuse_body(self, exc: KVError, announced: int | None = None) -> None:
+        """Answer 413 now, without reading the body, and close the connection once it is sent."""
+        self._refused = True
+        self._chunks = []
+        # Let Tornado discard what is on the wire instead of answering a bare 400 over our 413;
+        # the connection closes as soon as our response is written, so it is not read in full.
+        self.request.connection.set_max_body_size(max(announced or 0, 1 << 62))  # type: ignore[union-attr]
+        self.send_error(exc.status, kv_error=exc)
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._refused:
+            return
+        self._body_bytes += len(chunk)
+        limit = self.svc.config.server.max_body_bytes
+        if self._body_bytes > limit:
+            # A chunked body has no Content-Length: it is refused as soon as it passes the limit.
+            self._refuse_body(TooLarge(f"The body is over the limit of {limit} bytes."))
+            return
+        self._chunks.append(chunk)
+
+    def on_finish(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.svc.in_flight -= 1
+
+    def on_connection_close(self) -> None:
+        super().on_connection_close()
+        self.on_finish()
+
+    @property
+    def body(self) -> bytes:
+        if len(self._chunks) != 1:
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0]
+
+    async def _dispatch(self, *args: str) -> None:
+        try:
+            if self.svc.stopping:
+                raise Overloaded("The server is shutting down.")
+            if self.auth_required:
+                self.key_id = self._authenticate()
+            impl: Callable[[], Awaitable[None]] | None = getattr(self, "do_" + self.request.method.lower(), None)
+            if impl is None:
+                raise MethodNotAllowed(f"{self.request.method} is not allowed on {self.request.path}.")
+            await impl()
+        except StorageError as exc:
+            log.warning("storage error on %s %s: %s", self.request.method, self.request.path, exc)
+            self._fail(Overloaded("The storage is not available right now; retry shortly."))
+        except KVError as exc:
+            self._fail(exc)
+
+    get = post = put = delete = patch = options = head = _dispatch
+
+    def _authenticate(self) -> str:
+        assert self.svc.authenticator is not None
+        req = self.request
+        # SPEC §4: path and query exactly as on the request line, still percent-encoded.
+        path, _, query = req.uri.partition("?") if req.uri else ("", "", "")
+        return self.svc.authenticator.verify(
+            authorization=req.headers.get("Authorization"),
+            method=req.method or "",
+            host=req.headers.get("Host", ""),
+            path=path,
+            query=query,
+            body=self.body,
+        )
+
+    # -- responses -------------------------------------------------------------------------------
+
+    def send_json(self, payload: bytes, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", JSON_CONTENT_TYPE)
+        self.set_header("Cache-Control", "no-store")
+        self.finish(payload)
+
+    def _fail(self, exc: KVError) -> None:
+        if isinstance(exc, Overloaded):
+            self.svc.rejected["overloaded"] += 1
+        self.send_error(exc.status, kv_error=exc)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc: Any = kwargs.get("kv_error")
+        if exc is None and "exc_info" in kwargs:
+            exc = kwargs["exc_info"][1]
+        if isinstance(exc, KVError):
+            code, message = exc.code, exc.message
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+        elif isinstance(exc, HTTPError) and status_code in _STATUS_CODES:
+            code = _STATUS_CODES[status_code]
+            message = {405: "This method is not allowed on this path."}.get(
+                status_code, "The request was refused: " + (self._reason or "error").lower() + "."
+            )
+        else:
+            code, message = "internal_error", "The server could not complete the request."
+        if isinstance(exc, TooLarge) and self._refused:
+            self.set_header("Connection", "close")
+        self.set_header("Content-Type", JSON_CONTENT_TYPE)
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json_bytes({"error": code, "message": message}))
+
+    # -- helpers for subclasses ------------------------------------------------------------------
+
+    @property
+    def kv(self) -> KeyValue:
+        assert self.svc.kv is not None
+        return self.svc.kv
+
+    def query(self) -> dict[str, str]:
+        return codec.query_fields(self.request.query)
+
+    def durable(self, fields: dict[str, str]) -> bool:
+        flag = fields.get("durable")
+        if flag is None or flag in ("0", "false", ""):
+            return False
+        if flag in ("1", "true"):
+            return True
+        raise BadRequest("durable must be 1 or 0.")
+
+
+class PingHandler(BaseHandler):
+    auth_required = False
+    _PONG = json_bytes({"ping": "pong"})
+
+    async def do_get(self) -> None:
+        self.send_json(self._PONG)
+
+
+class NotFoundHandler(BaseHandler):
+    auth_required = False
+
+    async def _dispatch(self, *args: str) -> None:
+        self._fail(NotFound(f"There is no endpoint at {self.request.path}."))
+
+    get = post = put = delete = patch = options = head = _dispatch
+
+
+class AuthorizeHandler(BaseHandler):
+    async def do_get(self) -> None:
+        self.send_json(json_bytes({"authorized": True, "key_id": self.key_id}))
+
+    do_post = do_get
+
+
+class SaveHandler(BaseHandler):
+    async def do_post(self) -> None:
+        limits = self.svc.config.limits
+        durable = self.durable(self.query())
+        key, value = codec.parse_save(
+            self.request.headers.get("Content-Type"), self.body,
+            max_key_bytes=limits.max_key_bytes, max_value_bytes=limits.max_value_bytes,
+        )
+        await self.kv.put(key, value, durable=durable)
+        self.send_json(json_bytes({"key": key, "saved": True}))
+
+
+class GetHandler(BaseHandler):
+    async def do_get(self) -> None:
+        key = codec.key_from_query(self.query(), max_key_bytes=self.svc.config.limits.max_key_bytes)
+        value = await self.kv.get(key)
+        if value is None:
+            raise NotFound("No such key.")
+        # The stored value is already compact JSON text: splice it in instead of decoding it again.
+        head = json.dumps(key, ensure_ascii=False)
+        self.send_json(('{"key":' + head + ',"value":' + value + "}").encode("utf-8"))
+
+
+class DeleteHandler(BaseHandler):
+    async def _remove(self, key: str, durable: bool) -> None:
+        if not await self.kv.delete(key, durable=durable):
+            raise NotFound("No such key.")
+        self.send_json(json_bytes({"key": key, "deleted": True}))
+
+    async def do_delete(self) -> None:
+        fields = self.query()
+        key = codec.key_from_query(fields, max_key_bytes=self.svc.config.limits.max_key_bytes)
+        await self._remove(key, self.durable(fields))
+
+    async def do_post(self) -> None:
+        fields = self.query()
+        max_key = self.svc.config.limits.max_key_bytes
+        if self.body or "key" not in fields:
+            key = codec.parse_key_body(self.request.headers.get("Content-Type"), self.body, max_key_bytes=max_key)
+        else:
+            key = codec.key_from_query(fields, max_key_bytes=max_key)
+        await self._remove(key, self.durable(fields))
+
+
+class FlushHandler(BaseHandler):
+    async def do_post(self) -> None:
+        flushed = await self.kv.flush()
+        self.send_json(json_bytes({"flushed": flushed}))
+
+
+class StatsHandler(BaseHandler):
+    async def do_get(self) -> None:
+        stats = dict(self.kv.stats())
+        stats["rejected"] = dict(self.svc.rejected)
+        self.send_json(json_bytes(stats))

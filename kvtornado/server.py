@@ -1,0 +1,150 @@
+"""Running an exercise as a process: arguments, logging, start-up refusals, serving, graceful stop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+from tornado.web import Application
+
+from kvtornado.app import make_app
+from kvtornado.auth import Authenticator, load_keys
+from kvtornado.config import Config, load_config
+from kvtornado.errors import ConfigError, StorageError
+from kvtornado.handlers import Service
+from kvtornado.store import SqliteStore
+
+log = logging.getLogger("kvtornado.server")
+
+# Tornado refuses a body past its own limit with a bare 400; ours answers 413 in JSON first and then
+# closes the connection, so Tornado's limit must never be the one that triggers.
+_TORNADO_MAX_BODY = 1 << 62
+IDLE_CONNECTION_TIMEOUT_S = 120.0
+BODY_TIMEOUT_S = 60.0
+DRAIN_TIMEOUT_S = 5.0
+
+
+def build_http_server(app: Application) -> HTTPServer:
+    """The HTTP server every exercise (and the test suite) uses, with our body and idle limits."""
+    return HTTPServer(
+        app, max_body_size=_TORNADO_MAX_BODY, idle_connection_timeout=IDLE_CONNECTION_TIMEOUT_S,
+        body_timeout=BODY_TIMEOUT_S,
+    )
+
+
+def parse_args(argv: list[str], *, exercise: int, default_config: Path) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=f"exercise{exercise}.py", description=f"kvtornado, exercise {exercise}")
+    p.add_argument("--config", type=Path, default=default_config, help="config file (default: %(default)s)")
+    p.add_argument("--host", help="address to listen on (overrides server.host)")
+    p.add_argument("--port", type=int, help="port to listen on, 0 for any free port (overrides server.port)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p.parse_args(argv)
+
+
+def _with_overrides(cfg: Config, host: str | None, port: int | None) -> Config:
+    from dataclasses import replace
+
+    server = cfg.server
+    if host is not None:
+        server = replace(server, host=host)
+    if port is not None:
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"--port must be an integer between 0 and 65535, got {port}")
+        server = replace(server, port=port)
+    return replace(cfg, server=server)
+
+
+def main(argv: list[str], *, exercise: int, default_config: Path) -> int:
+    """Run one exercise until SIGINT/SIGTERM; returns the process exit status."""
+    args = parse_args(argv, exercise=exercise, default_config=default_config)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        cfg = _with_overrides(load_config(args.config), args.host, args.port)
+        authenticator = None
+        if exercise >= 2:
+            keys = load_keys(cfg.auth.secret_file)
+            authenticator = Authenticator(
+                keys, max_skew_s=cfg.auth.max_skew_s, max_nonces=cfg.auth.max_nonces,
+                public_host=cfg.auth.public_host,
+            )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_serve(cfg, exercise, authenticator))
+    except (ConfigError, StorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the port is taken
+        print(f"error: cannot listen on {cfg.server.host}:{cfg.server.port} ({exc.strerror})", file=sys.stderr)
+        return 2
+
+
+async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None) -> int:
+    store: SqliteStore | None = None
+    kv = None
+    if exercise >= 3:
+        store = SqliteStore(cfg.storage.path, synchronous=cfg.storage.synchronous)
+        await store.open()
+        kv = store
+    cache: Any = None  # the write-behind cache arrives with exercise 4
+    try:
+        app = make_app(cfg, authenticator=authenticator, kv=kv, admin=exercise >= 4)
+        svc: Service = app.settings["kv_service"]
+        server = build_http_server(app)
+        sockets = bind_sockets(cfg.server.port, cfg.server.host)
+        server.add_sockets(sockets)
+    except BaseException:
+        if cache is not None:
+            await cache.stop(cfg.cache.shutdown_timeout_s)
+        if store is not None:
+            await store.close()
+        raise
+    host, port = sockets[0].getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    details = ""
+    if store is not None:
+        details += f", db {store.path}"
+    if exercise >= 4:
+        details += f", flush every {cfg.cache.flush_interval_ms} ms"
+    log.info("exercise %d listening on http://%s:%d%s", exercise, shown, port, details)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: stopping")
+
+    server.stop()  # no new connections
+    svc.stopping = True  # new requests on open keep-alive connections get 503
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    # Let requests already being served finish (a durable write waits for a flush, which keeps running).
+    while svc.in_flight > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    status = 0
+    if cache is not None:
+        remaining = await cache.stop(cfg.cache.shutdown_timeout_s)
+        if remaining:
+            log.error("could not flush %d acknowledged writes within %d s", remaining, cfg.cache.shutdown_timeout_s)
+            status = 1
+    try:
+        await asyncio.wait_for(server.close_all_connections(), timeout=DRAIN_TIMEOUT_S)
+    except TimeoutError:
+        log.warning("some connections did not close in time")
+    if store is not None:
+        await store.close()
+    log.info("stopped")
+    return status

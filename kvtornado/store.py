@@ -1,0 +1,207 @@
+"""sqlite storage: one writer thread and one reader thread, each with its own connection.
+
+``SqliteStore`` is exercise 3's write-through store (every write committed before it returns) and the
+backend the write-behind cache flushes into. No sqlite call ever runs on the event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kvtornado.errors import StorageError
+
+SCHEMA_VERSION = 1
+# SPEC §6: a flush that cannot take the write lock within this has failed.
+MAX_BUSY_TIMEOUT_MS = 5000
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS kv("
+    "key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at REAL NOT NULL) WITHOUT ROWID"
+)
+_UPSERT = (
+    "INSERT INTO kv(key, value, updated_at) VALUES (?, ?, ?) "
+    "ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
+)
+_DELETE = "DELETE FROM kv WHERE key = ?"
+_SELECT = "SELECT value FROM kv WHERE key = ?"
+
+# One row write: (key, value JSON text), or (key, None) for a delete.
+Row = tuple[str, "str | None"]
+T = TypeVar("T")
+
+log = logging.getLogger("kvtornado.store")
+
+
+def _connect(path: Path, synchronous: str, busy_timeout_ms: int) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions; writes use explicit BEGIN IMMEDIATE ... COMMIT.
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=True)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        conn.close()
+        raise StorageError(f"{path}: cannot switch sqlite to WAL journal mode (got {mode})")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    return conn
+
+
+class SqliteStore:
+    """Write-through key/value store on one sqlite file (WAL, ``synchronous`` from the config)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = MAX_BUSY_TIMEOUT_MS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self.busy_timeout_ms = min(busy_timeout_ms, MAX_BUSY_TIMEOUT_MS)
+        self.clock = clock
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-sqlite-writer")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-sqlite-reader")
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self.reads = 0
+        self.row_writes = 0
+        self.commits = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the folder, the file and the schema; open both connections on their threads."""
+        await self._run(self._writer, self._open_writer)
+        await self._run(self._reader, self._open_reader)
+
+    def _open_writer(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"{self.path.parent}: cannot create the data folder ({exc.strerror})") from None
+        try:
+            conn = _connect(self.path, self.synchronous, self.busy_timeout_ms)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                conn.close()
+                raise StorageError(
+                    f"{self.path}: database schema version {version} is newer than this program's ({SCHEMA_VERSION})"
+                )
+            if version < SCHEMA_VERSION:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(_SCHEMA)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            conn.execute("SELECT count(*) FROM kv LIMIT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: cannot open the sqlite database ({exc})") from None
+        self._wconn = conn
+
+    def _open_reader(self) -> None:
+        try:
+            self._rconn = _connect(self.path, self.synchronous, self.busy_timeout_ms)
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: cannot open the sqlite database ({exc})") from None
+
+    async def close(self) -> None:
+        """Close both connections (on their own threads) and stop the threads."""
+
+        def close_conn(attr: str) -> None:
+            conn = getattr(self, attr)
+            if conn is not None:
+                conn.close()
+                setattr(self, attr, None)
+
+        await self._run(self._reader, close_conn, "_rconn")
+        await self._run(self._writer, close_conn, "_wconn")
+        self._reader.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
+
+    async def _run(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    # -- backend operations (what the write-behind cache uses) ---------------------------------
+
+    def _write_rows(self, rows: Sequence[Row]) -> None:
+        conn = self._wconn
+        if conn is None:
+            raise StorageError("the store is closed")
+        now = self.clock()
+        # Sorted keys turn random B-tree updates into a sequential walk (about 3x faster here).
+        ordered = sorted(rows, key=lambda r: r[0])
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(_UPSERT, [(k, v, now) for k, v in ordered if v is not None])
+            conn.executemany(_DELETE, [(k,) for k, v in ordered if v is None])
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise StorageError(f"sqlite write failed: {exc}") from None
+
+    async def write_rows(self, rows: Sequence[Row]) -> None:
+        """Commit these row writes in one transaction on the writer thread; ``StorageError`` on failure."""
+        if not rows:
+            return
+        await self._run(self._writer, self._write_rows, rows)
+        self.row_writes += len(rows)
+        self.commits += 1
+
+    def _read(self, key: str) -> str | None:
+        conn = self._rconn
+        if conn is None:
+            raise StorageError("the store is closed")
+        try:
+            row = conn.execute(_SELECT, (key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite read failed: {exc}") from None
+        return None if row is None else str(row[0])
+
+    async def read(self, key: str) -> str | None:
+        """The committed JSON text for ``key``, or None; runs on the reader thread."""
+        value = await self._run(self._reader, self._read, key)
+        self.reads += 1
+        return value
+
+    def _delete_one(self, key: str) -> bool:
+        conn = self._wconn
+        if conn is None:
+            raise StorageError("the store is closed")
+        try:
+            cur = conn.execute(_DELETE, (key,))  # autocommit: one statement, one transaction
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite delete failed: {exc}") from None
+        return cur.rowcount > 0
+
+    # -- the key/value interface the handlers use ----------------------------------------------
+
+    async def get(self, key: str) -> str | None:
+        return await self.read(key)
+
+    async def put(self, key: str, value: str, *, durable: bool = False) -> None:
+        """Write-through: returns once the row is committed (``durable`` is always true here)."""
+        await self.write_rows([(key, value)])
+
+    async def delete(self, key: str, *, durable: bool = False) -> bool:
+        """Delete and commit; False when there was no such key."""
+        existed = await self._run(self._writer, self._delete_one, key)
+        self.commits += 1
+        if existed:
+            self.row_writes += 1
+        return existed
+
+    async def flush(self) -> int:
+        return 0  # nothing is ever pending in a write-through store
+
+    def stats(self) -> dict[str, Any]:
+        return {"storage": {"reads": self.reads, "row_writes": self.row_writes, "commits": self.commits}}

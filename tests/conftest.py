@@ -1,0 +1,83 @@
+"""Shared fixtures: every keys file, config and sqlite file lives under ``tmp_path``; ports are ephemeral."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kvtornado.auth import Authenticator
+from kvtornado.client import Signer
+from kvtornado.config import Config, load_config
+from kvtornado.server import build_http_server
+
+ROOT = Path(__file__).resolve().parent.parent
+# The SPEC §4 test vector's key: 64 x "a", key id k1. Tests only; never a real secret.
+TEST_KEY_ID = "k1"
+TEST_SECRET = b"a" * 64
+
+
+def write_keys(path: Path, lines: list[str], mode: int = 0o600) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines), encoding="ascii")
+    os.chmod(path, mode)
+    return path
+
+
+def write_config(folder: Path, sections: dict[str, Any] | None = None, name: str = "config.yaml") -> Path:
+    """A config file under ``folder`` with the test key file and a sqlite path under it too."""
+    doc: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "auth": {"secret_file": "keys/kv.keys"},
+        "storage": {"path": "data/kv.sqlite3", "synchronous": "NORMAL"},
+    }
+    for section, values in (sections or {}).items():
+        doc.setdefault(section, {}).update(values)
+    path = folder / name
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def keys_file(tmp_path: Path) -> Path:
+    return write_keys(tmp_path / "keys" / "kv.keys", [f"{TEST_KEY_ID} {TEST_SECRET.decode()}"])
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, keys_file: Path) -> Callable[..., Config]:
+    """``make_config(cache={"max_dirty": 3})`` -> a validated ``Config`` rooted in ``tmp_path``."""
+
+    def make(**sections: Any) -> Config:
+        return load_config(write_config(tmp_path, sections))
+
+    return make
+
+
+@pytest.fixture
+def config(make_config: Callable[..., Config]) -> Config:
+    return make_config()
+
+
+@pytest.fixture
+def signer() -> Signer:
+    return Signer(TEST_KEY_ID, TEST_SECRET)
+
+
+@pytest.fixture
+def authenticator(config: Config) -> Authenticator:
+    return Authenticator({TEST_KEY_ID: TEST_SECRET}, max_skew_s=config.auth.max_skew_s,
+                         max_nonces=config.auth.max_nonces)
+
+
+@pytest.fixture
+def http_server(request: pytest.FixtureRequest, io_loop: Any, _unused_port: Any) -> Iterator[Any]:
+    """pytest-tornado's server fixture, but built exactly as the exercises build theirs."""
+    server = build_http_server(request.getfixturevalue("app"))
+    server.add_socket(_unused_port[0])
+    yield server
+    server.stop()
+    io_loop.run_sync(server.close_all_connections, timeout=10)
