@@ -14,7 +14,7 @@ $(STAMP): requirements.txt
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python exercise3.py --config config.yaml
+	$(BIN)/python exercise4.py --config config.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

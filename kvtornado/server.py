@@ -9,7 +9,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
@@ -17,9 +16,10 @@ from tornado.web import Application
 
 from kvtornado.app import make_app
 from kvtornado.auth import Authenticator, load_keys
+from kvtornado.cache import WriteBehindCache
 from kvtornado.config import Config, load_config
 from kvtornado.errors import ConfigError, StorageError
-from kvtornado.handlers import Service
+from kvtornado.handlers import KeyValue, Service
 from kvtornado.store import SqliteStore
 
 log = logging.getLogger("kvtornado.server")
@@ -94,12 +94,17 @@ def main(argv: list[str], *, exercise: int, default_config: Path) -> int:
 
 async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None) -> int:
     store: SqliteStore | None = None
-    kv = None
+    kv: KeyValue | None = None
     if exercise >= 3:
         store = SqliteStore(cfg.storage.path, synchronous=cfg.storage.synchronous)
         await store.open()
         kv = store
-    cache: Any = None  # the write-behind cache arrives with exercise 4
+    cache: WriteBehindCache | None = None
+    if exercise >= 4:
+        assert store is not None
+        cache = WriteBehindCache(store, cfg.cache)
+        await cache.start()
+        kv = cache
     try:
         app = make_app(cfg, authenticator=authenticator, kv=kv, admin=exercise >= 4)
         svc: Service = app.settings["kv_service"]

@@ -1,0 +1,381 @@
+"""The write-behind cache (exercise 4): reads from memory, writes acknowledged at once, committed in batches.
+
+State per key lives in exactly one of two maps:
+- ``_dirty``: acknowledged, not yet committed (a value, or ``None`` for a delete's tombstone), with the
+  write's version. The batch in flight stays here until its commit, so reads see it and it is never evicted.
+- ``_clean``: committed values, least recently used first; only these are evicted.
+A key in neither is read from sqlite on a miss (concurrent misses share one read). Any write to a key
+detaches a read in flight for it, so a read that returns after a newer write never overwrites it.
+
+Flushes run one at a time: every ``flush_interval_ms`` from a ``PeriodicCallback``, at once when
+``flush_batch_size`` new keys are dirty, and at once for ``flush()`` or a durable write. A flush takes what
+is dirty at its start and commits it in transactions of at most ``flush_batch_size`` rows on the store's
+writer thread. A failed flush keeps everything and retries with exponential backoff (G4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tornado.ioloop import PeriodicCallback
+
+from kvtornado.config import CacheConfig
+from kvtornado.errors import DurableTimeout, Overloaded, StorageError
+from kvtornado.store import Row, SqliteStore
+
+log = logging.getLogger("kvtornado.cache")
+
+MAX_BACKOFF_MS = 5000
+
+
+@dataclass
+class _Load:
+    """One sqlite read for a missing key, shared by every miss that arrives while it runs."""
+
+    future: asyncio.Future[str | None]
+    stale: bool = False  # set when the key is written meanwhile: the result must not be cached
+
+
+@dataclass
+class _Waiter:
+    """Someone waiting for every write made before ``flush_no`` started to be committed."""
+
+    flush_no: int
+    future: asyncio.Future[None]
+    fail_fast: bool  # POST /flush hears about a failed attempt; a durable write waits for a later success
+
+
+@dataclass
+class FlushStats:
+    count: int = 0
+    rows: int = 0
+    errors: int = 0
+    last_ms: float = 0.0
+    streak: int = 0  # consecutive failed attempts
+    last_error: str = ""
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    flush: FlushStats = field(default_factory=FlushStats)
+
+
+class WriteBehindCache:
+    """In-memory read path and write-behind batching over a ``SqliteStore`` (SPEC §7, G1-G8)."""
+
+    def __init__(
+        self,
+        store: SqliteStore,
+        config: CacheConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self._dirty: dict[str, tuple[str | None, int]] = {}
+        self._clean: OrderedDict[str, str] = OrderedDict()
+        self._loading: dict[str, _Load] = {}
+        self._version = 0
+        self._new_dirty = 0  # keys that became dirty since the last flush started
+        self._flushes_started = 0
+        self._flushing: asyncio.Task[None] | None = None
+        self._again = False  # a flush was asked for while one was running
+        self._again_force = False  # ... and it was POST /flush, which does not wait out a backoff
+        self._tasks: set[asyncio.Task[None]] = set()  # strong references to background tasks
+        self._waiters: list[_Waiter] = []
+        self._retry_at = 0.0  # clock time before which periodic/size/durable triggers do not retry
+        self._backoff_ms = 0
+        self._timer: PeriodicCallback | None = None
+        self._closed = False
+        self.stats_ = CacheStats()
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the periodic flush (must run on the event loop that serves requests)."""
+        self._timer = PeriodicCallback(self._tick, self.config.flush_interval_ms)
+        self._timer.start()
+
+    async def stop(self, timeout_s: float) -> int:
+        """Flush everything (retrying until ``timeout_s``), stop the timer; returns writes left unflushed."""
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+        self._closed = True
+        deadline = self.clock() + timeout_s
+        total = len(self._dirty)
+        while self._dirty and self.clock() < deadline:
+            if self._flushing is not None:
+                await asyncio.wait({self._flushing}, timeout=max(0.0, deadline - self.clock()))
+                continue
+            if self._retry_at > self.clock():
+                await asyncio.sleep(min(self._retry_at, deadline) - self.clock())
+                continue
+            self._start_flush()
+        if self._flushing is not None:
+            await asyncio.wait({self._flushing}, timeout=max(0.0, deadline - self.clock()))
+        left = len(self._dirty)
+        if left:
+            log.error("shutdown: %d of %d acknowledged writes could not be flushed", left, total)
+        else:
+            log.info("shutdown: flushed %d writes", total)
+        for w in self._waiters:
+            if not w.future.done():
+                w.future.set_exception(Overloaded("The server is shutting down."))
+        self._waiters.clear()
+        return left
+
+    # -- the key/value interface ----------------------------------------------------------------
+
+    async def get(self, key: str) -> str | None:
+        pending = self._dirty.get(key)
+        if pending is not None:
+            self.stats_.hits += 1
+            return pending[0]
+        value = self._clean.get(key)
+        if value is not None:
+            self._clean.move_to_end(key)
+            self.stats_.hits += 1
+            return value
+        self.stats_.misses += 1
+        return await self._load(key)
+
+    async def put(self, key: str, value: str, *, durable: bool = False) -> None:
+        self._write(key, value)
+        if durable:
+            await self._await_commit(durable=True)
+
+    async def delete(self, key: str, *, durable: bool = False) -> bool:
+        """Tombstone ``key``; False (and nothing written) when it does not exist."""
+        if not await self._exists(key):
+            return False
+        self._write(key, None)
+        if durable:
+            await self._await_commit(durable=True)
+        return True
+
+    async def flush(self) -> int:
+        """Commit everything dirty now (retrying at once, whatever the backoff); returns how many keys."""
+        n = len(self._dirty)
+        if n == 0:
+            return 0
+        self._retry_at = 0.0
+        await self._await_commit(durable=False)
+        return n
+
+    def stats(self) -> dict[str, Any]:
+        s, f = self.stats_, self.stats_.flush
+        return {
+            "cache": {
+                "entries": len(self._clean) + len(self._dirty),
+                "clean": len(self._clean),
+                "hits": s.hits,
+                "misses": s.misses,
+                "evictions": s.evictions,
+                "dirty": len(self._dirty),
+                "max_entries": self.config.max_entries,
+                "max_dirty": self.config.max_dirty,
+            },
+            "flush": {
+                "count": f.count,
+                "rows": f.rows,
+                "errors": f.errors,
+                "last_ms": round(f.last_ms, 3),
+                # acknowledged writes waiting for a retry after a failed flush (0 when healthy)
+                "pending_retry": len(self._dirty) if f.streak else 0,
+                "failing": f.streak > 0,
+                "interval_ms": self.config.flush_interval_ms,
+            },
+        }
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    async def _exists(self, key: str) -> bool:
+        pending = self._dirty.get(key)
+        if pending is not None:
+            return pending[0] is not None
+        if key in self._clean:
+            return True
+        value = await self._load(key)
+        pending = self._dirty.get(key)  # a write that landed while we read is newer than the read
+        return pending[0] is not None if pending is not None else value is not None
+
+    async def _load(self, key: str) -> str | None:
+        load = self._loading.get(key)
+        if load is None:
+            load = _Load(asyncio.get_running_loop().create_future())
+            self._loading[key] = load
+            self._spawn(self._read_into(key, load))
+        # shield: one waiter giving up (closed connection) must not cancel the shared read
+        return await asyncio.shield(load.future)
+
+    async def _read_into(self, key: str, load: _Load) -> None:
+        try:
+            value = await self.store.read(key)
+        except Exception as exc:  # every waiter must hear of it, whatever it is
+            if self._loading.get(key) is load:
+                del self._loading[key]
+            load.future.set_exception(exc if isinstance(exc, StorageError) else StorageError(f"read failed: {exc!r}"))
+            load.future.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            return
+        if self._loading.get(key) is load:
+            del self._loading[key]
+        if not load.stale and value is not None and key not in self._dirty:
+            self._remember(key, value)
+        # A stale read still answers the reads that started before the write: for them it is current.
+        load.future.set_result(value)
+
+    def _remember(self, key: str, value: str) -> None:
+        self._clean[key] = value
+        self._clean.move_to_end(key)
+        while len(self._clean) > self.config.max_entries:
+            self._clean.popitem(last=False)
+            self.stats_.evictions += 1
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def _write(self, key: str, value: str | None) -> None:
+        if key not in self._dirty:
+            if len(self._dirty) >= self.config.max_dirty:
+                raise Overloaded(
+                    f"{len(self._dirty)} writes are waiting for sqlite; retry shortly.",
+                    retry_after_s=math.ceil(max(self._backoff_ms, self.config.flush_interval_ms) / 1000),
+                )
+            self._new_dirty += 1
+        self._version += 1
+        self._dirty[key] = (value, self._version)
+        self._clean.pop(key, None)
+        load = self._loading.pop(key, None)
+        if load is not None:
+            load.stale = True
+        if self._new_dirty >= self.config.flush_batch_size:
+            self._trigger()
+
+    async def _await_commit(self, *, durable: bool) -> None:
+        """Wait until a flush that starts after now has committed (so every write made so far is in)."""
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(self._flushes_started + 1, loop.create_future(), fail_fast=not durable)
+        self._waiters.append(waiter)
+        # A durable write respects a failure backoff; POST /flush retries at once (G4).
+        self._trigger(force=not durable)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.future), timeout=self.config.durable_timeout_ms / 1000)
+        except TimeoutError:
+            what = "The write was" if durable else "The flush was"
+            raise DurableTimeout(
+                f"{what} not committed within {self.config.durable_timeout_ms} ms; "
+                "pending writes stay pending and will be written."
+            ) from None
+
+    # -- flushing -------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        if self._dirty and self.clock() >= self._retry_at:
+            self._trigger()
+
+    def _trigger(self, *, force: bool = False) -> None:
+        """Start a flush now, or right after the one running; outside backoff unless ``force``."""
+        if self._closed and not force:
+            return
+        if not force and self.clock() < self._retry_at:
+            return
+        if self._flushing is not None:
+            self._again = True
+            self._again_force = self._again_force or force
+            return
+        if self._dirty or self._waiters:
+            self._start_flush()
+
+    def _start_flush(self) -> None:
+        self._flushes_started += 1
+        self._new_dirty = 0
+        self._again = self._again_force = False
+        snapshot = list(self._dirty.items())
+        self._flushing = self._spawn(self._flush(self._flushes_started, snapshot))
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _flush(self, flush_no: int, snapshot: list[tuple[str, tuple[str | None, int]]]) -> None:
+        f = self.stats_.flush
+        started = time.perf_counter()
+        committed = 0
+        error: StorageError | None = None
+        size = self.config.flush_batch_size
+        try:
+            for i in range(0, len(snapshot), size):
+                chunk = snapshot[i : i + size]
+                rows: list[Row] = [(k, v) for k, (v, _) in chunk]
+                await self.store.write_rows(rows)
+                self._committed(chunk)
+                committed += len(chunk)
+        except StorageError as exc:
+            error = exc
+        finally:
+            self._flushing = None
+        f.last_ms = (time.perf_counter() - started) * 1000
+        f.rows += committed
+        if error is None:
+            f.count += 1
+            if f.streak:
+                log.info("flush recovered after %d failed attempts: %d rows committed", f.streak, committed)
+            f.streak = 0
+            self._backoff_ms = 0
+            self._retry_at = 0.0
+            self._settle(flush_no, None)
+        else:
+            f.errors += 1
+            f.streak += 1
+            f.last_error = str(error)
+            self._backoff_ms = min(MAX_BACKOFF_MS, max(self.config.flush_interval_ms, self._backoff_ms * 2))
+            self._retry_at = self.clock() + self._backoff_ms / 1000
+            if f.streak == 1:
+                log.warning("flush failed (%s); %d writes kept, retrying with backoff from %d ms",
+                            error, len(self._dirty), self._backoff_ms)
+            self._settle(flush_no, error)
+        if self._again:
+            self._trigger(force=self._again_force)
+        elif self._new_dirty >= self.config.flush_batch_size or any(w.flush_no > flush_no for w in self._waiters):
+            self._trigger()
+
+    def _committed(self, chunk: list[tuple[str, tuple[str | None, int]]]) -> None:
+        for key, (value, version) in chunk:
+            current = self._dirty.get(key)
+            if current is not None and current[1] == version:
+                del self._dirty[key]
+                if value is not None:
+                    self._remember(key, value)
+            # else: written again during the flush; it stays dirty for the next one
+
+    def _settle(self, flush_no: int, error: StorageError | None) -> None:
+        keep: list[_Waiter] = []
+        for w in self._waiters:
+            if w.future.done():
+                continue
+            if w.flush_no <= flush_no and error is None:
+                w.future.set_result(None)
+            elif w.flush_no <= flush_no and w.fail_fast:
+                retry_s = math.ceil(self._backoff_ms / 1000) or 1
+                w.future.set_exception(
+                    Overloaded(f"The flush failed; {len(self._dirty)} writes stay pending and will be retried.",
+                               retry_after_s=retry_s)
+                )
+            else:
+                if w.flush_no <= flush_no:
+                    w.flush_no = flush_no + 1  # a durable write waits for the next successful flush
+                keep.append(w)
+        self._waiters = keep
