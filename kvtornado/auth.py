@@ -88,7 +88,11 @@ def load_keys(path: Path, *, create: bool = True) -> dict[str, bytes]:
         try:
             create_keys_file(path)
         except FileExistsError:
-            pass  # another process created it between our check and open: use theirs
+            if not path.exists():  # e.g. its folder is a file: nothing was created by anyone
+                raise ConfigError(
+                    f"{path}: keys file is missing and cannot be created (a parent is not a folder)"
+                ) from None
+            # else another process created it between our check and open: use theirs
         except OSError as exc:
             raise ConfigError(f"{path}: keys file is missing and cannot be created ({exc.strerror})") from None
         else:

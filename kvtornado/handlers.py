@@ -22,6 +22,7 @@ from kvtornado.errors import (
     BadRequest,
     KVError,
     MethodNotAllowed,
+    MissingKey,
     NotFound,
     Overloaded,
     StorageError,
@@ -61,6 +62,23 @@ def json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+def _framing_error(content_length: str | None, transfer_encoding: str | None) -> str | None:
+    """Why the body's framing is unusable (the cases Tornado refuses with a bare 400), or None."""
+    if transfer_encoding is not None:
+        if content_length is not None:
+            return "A request must not have both Content-Length and Transfer-Encoding."
+        if transfer_encoding.strip().lower() != "chunked":
+            return "The only supported Transfer-Encoding is chunked."
+        return None
+    if content_length is None:
+        return None
+    pieces = {p.strip() for p in content_length.split(",")}
+    value = pieces.pop()
+    if pieces or not value.isascii() or not value.isdigit():
+        return "Content-Length must be one non-negative integer."
+    return None
+
+
 @stream_request_body
 class BaseHandler(RequestHandler):
     """Auth, body limits, one JSON error shape. Subclasses define ``do_get``/``do_post``/..."""
@@ -80,13 +98,22 @@ class BaseHandler(RequestHandler):
     def prepare(self) -> None:
         self.svc.in_flight += 1
         self._counted = True
+        headers = self.request.headers
         limit = self.svc.config.server.max_body_bytes
-        announced = self.request.headers.get("Content-Length")
+        announced = headers.get("Content-Length")
+        framing = _framing_error(announced, headers.get("Transfer-Encoding"))
+        if framing is not None:
+            # Tornado would answer these with a bare 400 after us; with the framing headers gone it reads
+            # no body and closes the connection once our JSON answer is written.
+            for name in ("Content-Length", "Transfer-Encoding"):
+                if name in headers:
+                    del headers[name]
+            self._refused = True
+            self.set_header("Connection", "close")
+            self.send_error(400, kv_error=BadRequest(framing))
+            return
         if announced is not None:
-            try:
-                size = int(announced)
-            except ValueError:
-                size = -1  # Tornado itself refuses a non-integer Content-Length before we get here
+            size = int(announced.split(",")[0])
             if size > limit:
                 self._refuse_body(TooLarge(f"The body is {size} bytes; the limit is {limit}."), size)
 
@@ -271,7 +298,9 @@ class DeleteHandler(BaseHandler):
     async def do_post(self) -> None:
         fields = self.query()
         max_key = self.svc.config.limits.max_key_bytes
-        if self.body or "key" not in fields:
+        if not self.body and "key" not in fields:
+            raise MissingKey("Send the key as {\"key\": ...} in the body or as ?key=...")
+        if self.body:
             key = codec.parse_key_body(self.request.headers.get("Content-Type"), self.body, max_key_bytes=max_key)
         else:
             key = codec.key_from_query(fields, max_key_bytes=max_key)

@@ -1,0 +1,79 @@
+"""Exercise 1 over real HTTP: ``GET /ping`` and the JSON answers for everything else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from tornado.web import Application
+
+from kvtornado.app import make_app
+from kvtornado.config import Config
+from tests.e2e.helpers import RawConnection, assert_error, assert_json, fetch, host_of, raw_head, send
+
+
+@pytest.fixture
+def app(config: Config) -> Application:
+    return make_app(config)
+
+
+@pytest.mark.gen_test
+async def test_ping_answers_pong(http_client: Any, base_url: str) -> None:
+    resp = await send(http_client, base_url, "GET", "/ping")
+    assert assert_json(resp, 200) == {"ping": "pong"}
+    assert resp.header("Cache-Control") == "no-store"
+
+
+@pytest.mark.gen_test
+async def test_ping_needs_no_auth_and_ignores_a_query(http_client: Any, base_url: str) -> None:
+    resp = await send(http_client, base_url, "GET", "/ping", query="x=1&y")
+    assert assert_json(resp, 200) == {"ping": "pong"}
+
+
+@pytest.mark.gen_test
+async def test_ping_keeps_the_connection_alive(http_server: Any, http_port: int) -> None:
+    head = raw_head("GET", "/ping", {"Host": f"127.0.0.1:{http_port}"})
+    async with RawConnection(http_port) as conn:
+        for _ in range(3):  # three requests, one connection
+            await conn.send(head)
+            assert assert_json(await conn.read_reply(), 200) == {"ping": "pong"}
+
+
+@pytest.mark.gen_test
+async def test_ping_with_a_huge_content_length_is_413_before_the_body(http_server: Any, http_port: int) -> None:
+    head = raw_head("GET", "/ping", {"Host": f"127.0.0.1:{http_port}", "Content-Length": str(10**12)})
+    async with RawConnection(http_port) as conn:
+        await conn.send(head)
+        assert_error(await conn.read_reply(), 413, "too_large")
+        assert await conn.closed_by_server()
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+@pytest.mark.gen_test
+async def test_wrong_method_on_ping_is_405_json(http_client: Any, base_url: str, method: str) -> None:
+    resp = await send(http_client, base_url, method, "/ping", body=b"{}" if method != "DELETE" else b"",
+                      content_type="application/json")
+    assert_error(resp, 405, "method_not_allowed")
+
+
+@pytest.mark.gen_test
+async def test_head_on_ping_is_405_without_a_body(http_client: Any, base_url: str) -> None:
+    resp = await fetch(http_client, base_url, "HEAD", "/ping", {"Host": host_of(base_url)}, b"")
+    assert resp.status == 405
+    assert resp.body == b""
+
+
+@pytest.mark.gen_test
+async def test_a_method_tornado_does_not_know_is_405_json(http_client: Any, base_url: str) -> None:
+    resp = await fetch(http_client, base_url, "PROPFIND", "/ping", {"Host": host_of(base_url)}, b"")
+    assert_error(resp, 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+@pytest.mark.parametrize("path", ["/nowhere", "/ping/", "/PING", "/authorize", "/save", "/get", "/a/b/c", "/%ff"])
+@pytest.mark.gen_test
+async def test_unknown_route_is_404_json(http_client: Any, base_url: str, method: str, path: str) -> None:
+    # Exercise 1 has no /authorize or data routes: they are unknown here, whatever the method.
+    body = b"{}" if method in ("POST", "PUT", "PATCH") else b""
+    resp = await send(http_client, base_url, method, path, body=body, content_type="application/json")
+    assert_error(resp, 404, "not_found")
