@@ -1,0 +1,25 @@
+"""``python -m bench [options]``: the HTTP bench; ``python -m bench flush``: the flush bench;
+``python -m bench profile``: py-spy breakdown of a server's CPU per request."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    if argv and argv[0] == "flush":
+        from bench import flush_bench
+
+        return flush_bench.main(argv[1:])
+    if argv and argv[0] == "profile":
+        from bench import profile_server
+
+        return profile_server.main(argv[1:])
+    from bench import run
+
+    return run.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

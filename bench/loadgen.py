@@ -1,0 +1,302 @@
+"""The load generator: one process, asyncio protocols on raw keep-alive sockets, every request freshly signed.
+
+``python -m bench.loadgen`` reads a JSON spec on stdin and writes one JSON result on stdout; bench/run.py
+starts it pinned to the core the server does not use. A closed loop: each of N connections sends one request,
+waits for its answer, sends the next, until the time is up. The first ``warmup_s`` seconds are not recorded
+(they fill exercise 4's cache with the hot keys and warm both servers up); errors count in every phase.
+
+Tornado's ``AsyncHTTPClient`` costs more CPU per request than the server under test, so it would measure
+itself: this speaks just enough HTTP/1.1 (``Content-Length`` framing, which is what Tornado sends for a
+finished response) and signs with an HMAC state precomputed over the constant prefix of the string to sign.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import random
+import re
+import secrets
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import KEY_ID, core_busy_s, hot_keys, key_name, percentile, proc_cpu_s, rss_bytes, value_pool
+from kvtornado.auth import EMPTY_BODY_SHA256, SCHEME, load_keys, sign_request
+
+WORKLOADS = ("ping", "get", "save", "mix")
+MIX_GET_SHARE = 0.9
+# Longest wait for one answer before it counts as an error (a hang) instead of blocking the bench.
+RESPONSE_TIMEOUT_S = 10.0
+MAX_ERROR_SAMPLES = 5
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)", re.IGNORECASE)
+_CONNECTION_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
+
+perf_counter = time.perf_counter
+
+
+class FastSigner:
+    """``KV-HMAC-SHA256`` with the HMAC state after ``scheme\\nkey_id\\n`` computed once and copied per request."""
+
+    def __init__(self, key_id: str, secret: bytes, host: str) -> None:
+        self._base = hmac.new(secret, f"{SCHEME}\n{key_id}\n".encode("ascii"), hashlib.sha256)
+        self._head = f"{SCHEME} keyid={key_id}, ts="
+        self._host = host.lower()
+        # Nonces must be unique for the server's whole life, across every load generator process.
+        self._tag = secrets.token_hex(8)
+        self._count = 0
+
+    def sign(self, method: str, path: str, query: str, body_hash: str, ts: int, nonce: str) -> str:
+        h = self._base.copy()
+        h.update(f"{ts}\n{nonce}\n{method}\n{self._host}\n{path}\n{query}\n{body_hash}".encode())
+        return f"{self._head}{ts}, nonce={nonce}, sig={h.hexdigest()}"
+
+    def authorization(self, method: str, path: str, query: str, body_hash: str) -> str:
+        self._count += 1
+        return self.sign(method, path, query, body_hash, int(time.time()), f"{self._tag}{self._count:012x}")
+
+
+def check_signer(key_id: str, secret: bytes, host: str) -> None:
+    """Refuse to run when the fast signer disagrees with ``kvtornado.auth.sign_request``."""
+    fast = FastSigner(key_id, secret, host)
+    body = b'{"key":"k","value":"v"}'
+    ts, nonce = 1_700_000_000, "00112233445566778899aabbccddeeff"
+    want = sign_request(secret, key_id=key_id, method="POST", host=host, path="/save", query="durable=1",
+                        body=body, ts=ts, nonce=nonce)
+    got = fast.sign("POST", "/save", "durable=1", hashlib.sha256(body).hexdigest(), ts, nonce)
+    if got != want:
+        raise SystemExit("bench.loadgen: the fast signer disagrees with kvtornado.auth.sign_request")
+
+
+def request_builder(spec: dict[str, Any], signer: FastSigner, host: str) -> Callable[[random.Random], bytes]:
+    """A function of a connection's RNG that returns the bytes of its next request."""
+    workload = spec["workload"]
+    seed = int(spec["seed"])
+    hot = hot_keys(seed, int(spec["preloaded"]), int(spec["hot"]))
+    key_space = int(spec["key_space"])
+    pool = value_pool(seed)
+    ping = f"GET /ping HTTP/1.1\r\nHost: {host}\r\n\r\n".encode("ascii")
+    authorization = signer.authorization
+
+    def get(rng: random.Random) -> bytes:
+        query = "key=" + rng.choice(hot)
+        auth = authorization("GET", "/get", query, EMPTY_BODY_SHA256)
+        return f"GET /get?{query} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\n\r\n".encode("ascii")
+
+    def save(rng: random.Random) -> bytes:
+        body = f'{{"key":"{key_name(rng.randrange(key_space))}","value":"{rng.choice(pool)}"}}'.encode("ascii")
+        auth = authorization("POST", "/save", "", hashlib.sha256(body).hexdigest())
+        return (
+            f"POST /save HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode("ascii") + body
+
+    def mix(rng: random.Random) -> bytes:
+        return get(rng) if rng.random() < MIX_GET_SHARE else save(rng)
+
+    builders: dict[str, Callable[[random.Random], bytes]] = {
+        "ping": lambda rng: ping, "get": get, "save": save, "mix": mix,
+    }
+    return builders[workload]
+
+
+class Run:
+    """Counters shared by the connections of one run; the phase flags are flipped by timers."""
+
+    def __init__(self) -> None:
+        self.measuring = False
+        self.stopping = False
+        self.latencies: list[float] = []
+        self.warmup_requests = 0
+        self.errors: Counter[str] = Counter()
+        self.samples: list[str] = []
+
+    def error(self, what: str, detail: str = "") -> None:
+        self.errors[what] += 1
+        if len(self.samples) < MAX_ERROR_SAMPLES:
+            self.samples.append(f"{what}: {detail}"[:300])
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection with at most one request in flight."""
+
+    def __init__(self, run: Run, build: Callable[[random.Random], bytes], rng: random.Random) -> None:
+        self.run = run
+        self.build = build
+        self.rng = rng
+        self.buf = b""
+        self.sent_at = 0.0
+        self.waiting = False
+        self.transport: asyncio.Transport | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def send_next(self) -> None:
+        if self.run.stopping:
+            self.finish()
+            return
+        data = self.build(self.rng)
+        assert self.transport is not None
+        self.waiting = True
+        self.sent_at = perf_counter()
+        self.transport.write(data)
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf = self.buf + data if self.buf else data
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        m = _CONTENT_LENGTH.search(buf, 0, end)
+        if m is None:
+            self.run.error("framing", "a response without Content-Length: " + repr(buf[:200]))
+            self.waiting = False
+            self.finish()
+            return
+        total = end + 4 + int(m.group(1))
+        if len(buf) < total:
+            return
+        now = perf_counter()
+        self.buf = buf[total:]
+        self.waiting = False
+        run = self.run
+        status = buf[9:12]
+        if run.measuring:
+            run.latencies.append(now - self.sent_at)
+        elif not run.stopping:
+            run.warmup_requests += 1
+        if status[0:1] != b"2":
+            run.error(status.decode("ascii", "replace"), buf[end + 4 : total].decode("utf-8", "replace"))
+        if self.buf:
+            run.error("framing", "bytes after the response: " + repr(self.buf[:100]))
+            self.finish()
+        elif _CONNECTION_CLOSE.search(buf, 0, end):
+            run.error("closed", "the server closed the keep-alive connection")
+            self.finish()
+        else:
+            self.send_next()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiting:
+            self.run.error("connection_lost", repr(exc))
+            self.waiting = False
+        elif not self.run.stopping:
+            self.run.error("connection_lost", "closed between requests")
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def drive(spec: dict[str, Any]) -> dict[str, Any]:
+    host_ip, port = spec["host"], int(spec["port"])
+    host = f"{host_ip}:{port}"
+    secret = load_keys(Path(spec["keys_file"]), create=False)[KEY_ID]
+    check_signer(KEY_ID, secret, host)
+    signer = FastSigner(KEY_ID, secret, host)
+    build = request_builder(spec, signer, host)
+    server_pid = spec.get("server_pid")
+    server_core = spec.get("server_core")  # None when not pinned: then nobody else's load can be told apart
+    n = int(spec["connections"])
+    loop = asyncio.get_running_loop()
+    run = Run()
+    conns: list[Connection] = []
+    for i in range(n):
+        # One RNG per connection, seeded by name: the same seed gives every connection the same keys.
+        rng = random.Random(f"{spec['seed']}:{spec['workload']}:{n}:{i}")
+        _, proto = await loop.create_connection(lambda rng=rng: Connection(run, build, rng), host_ip, port)
+        conns.append(proto)
+
+    marks: dict[str, float] = {}
+
+    def start_measuring() -> None:
+        marks["wall0"], marks["cpu0"] = perf_counter(), time.process_time()
+        if server_pid:
+            marks["srv0"] = proc_cpu_s(server_pid)
+        if server_core is not None:
+            marks["core0"] = core_busy_s(server_core)
+        run.measuring = True
+
+    def stop_measuring() -> None:
+        marks["wall1"], marks["cpu1"] = perf_counter(), time.process_time()
+        if server_pid:
+            marks["srv1"] = proc_cpu_s(server_pid)
+        if server_core is not None:
+            marks["core1"] = core_busy_s(server_core)
+        run.measuring = False
+        run.stopping = True
+
+    warmup_s, duration_s = float(spec["warmup_s"]), float(spec["duration_s"])
+    loop.call_later(warmup_s, start_measuring)
+    loop.call_later(warmup_s + duration_s, stop_measuring)
+    for c in conns:
+        c.send_next()
+    await asyncio.sleep(warmup_s + duration_s)
+    while not run.stopping:  # timers and sleep share a clock, but do not rely on their order
+        await asyncio.sleep(0.001)
+    await asyncio.wait([c.done for c in conns], timeout=RESPONSE_TIMEOUT_S)
+    for c in conns:
+        if not c.done.done():
+            run.error("timeout", f"no answer within {RESPONSE_TIMEOUT_S:.0f} s after the run ended")
+            c.finish()
+
+    wall = marks["wall1"] - marks["wall0"]
+    lat = sorted(run.latencies)
+    count = len(lat)
+    client_cpu = marks["cpu1"] - marks["cpu0"]
+    server_cpu = marks.get("srv1", 0.0) - marks.get("srv0", 0.0)
+    # Other processes on the server's core (the machine is shared): its busy time minus the server's own.
+    other = max(0.0, marks["core1"] - marks["core0"] - server_cpu) if server_core is not None else None
+    return {
+        "workload": spec["workload"],
+        "connections": n,
+        "seconds": round(wall, 3),
+        "requests": count,
+        "warmup_requests": run.warmup_requests,
+        "rps": round(count / wall, 1) if wall > 0 else 0.0,
+        "latency_ms": {
+            "p50": round(percentile(lat, 50) * 1000, 3),
+            "p90": round(percentile(lat, 90) * 1000, 3),
+            "p99": round(percentile(lat, 99) * 1000, 3),
+            "max": round(lat[-1] * 1000, 3) if lat else 0.0,
+            "mean": round(sum(lat) / count * 1000, 3) if count else 0.0,
+        },
+        "errors": sum(run.errors.values()),
+        "errors_by_kind": dict(run.errors),
+        "error_samples": run.samples,
+        "client_cpu_pct": round(100 * client_cpu / wall, 1) if wall > 0 else 0.0,
+        "server_cpu_pct": round(100 * server_cpu / wall, 1) if wall > 0 and server_pid else None,
+        "server_core_other_pct": round(100 * other / wall, 1) if other is not None and wall > 0 else None,
+        # The nonce store grows with every signed request (up to auth.max_nonces): watch the server's memory.
+        "server_rss_mb": round(rss_bytes(server_pid) / 2**20, 1) if server_pid else None,
+        "client_cpu_us_per_req": round(1e6 * client_cpu / count, 1) if count else None,
+        "server_cpu_us_per_req": round(1e6 * server_cpu / count, 1) if count and server_pid else None,
+    }
+
+
+def main() -> int:
+    spec = json.load(sys.stdin)
+    if spec.get("workload") not in WORKLOADS:
+        print(f"bench.loadgen: workload must be one of {', '.join(WORKLOADS)}", file=sys.stderr)
+        return 2
+    result = asyncio.run(drive(spec))
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
