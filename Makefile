@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.requirements-installed
 
-.PHONY: run test lint typecheck venv clean
+.PHONY: run test lint typecheck venv clean dist
 
 $(STAMP): requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,3 +27,7 @@ test: lint typecheck
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# The ZIP to hand in: dist/kvtornado-<version>.zip (sources only; stdlib, no venv needed)
+dist:
+	$(PYTHON) tools/make_dist.py --out dist

@@ -109,7 +109,6 @@ class BaseHandler(RequestHandler):
                 if name in headers:
                     del headers[name]
             self._refused = True
-            self.set_header("Connection", "close")
             self.send_error(400, kv_error=BadRequest(framing))
             return
         if announced is not None:
@@ -186,6 +185,10 @@ class BaseHandler(RequestHandler):
 
     # -- responses -------------------------------------------------------------------------------
 
+    def compute_etag(self) -> None:
+        # Answers are no-store data: no ETag, so no conditional 304 either (and no SHA-1 of every body).
+        return None
+
     def send_json(self, payload: bytes, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", JSON_CONTENT_TYPE)
@@ -212,7 +215,7 @@ class BaseHandler(RequestHandler):
             )
         else:
             code, message = "internal_error", "The server could not complete the request."
-        if isinstance(exc, TooLarge) and self._refused:
+        if self._refused:  # the body was not read: the connection closes after this answer
             self.set_header("Connection", "close")
         self.set_header("Content-Type", JSON_CONTENT_TYPE)
         self.set_header("Cache-Control", "no-store")

@@ -1,0 +1,326 @@
+"""``docs/openapi.yaml`` against a live ``python exercise4.py``, driven by Schemathesis.
+
+Every operation gets generated cases (valid and invalid data), each signed with the project's own
+``kvtornado.auth.sign_request`` over the request exactly as it goes on the wire. Every answer must be
+documented (status, content type, headers, body), no answer may be a 5xx, and no signed request may be
+refused as unauthenticated. A second pass sends the protected operations unsigned and must see only 401.
+Generation is derandomized and bounded, so the run is the same every time.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+import schemathesis
+import yaml
+from hypothesis import HealthCheck, Phase, given, settings
+from requests.auth import AuthBase
+from schemathesis import Case, GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from kvtornado.client import KVClient, Signer
+from tests.conftest import TEST_KEY_ID, TEST_SECRET, write_config, write_keys
+from tests.e2e.helpers import ROOT, ServerProcess
+
+SCHEMA_PATH = ROOT / "docs" / "openapi.yaml"
+# Cases per operation and generation mode: enough to reach every documented answer, small enough for seconds.
+MAX_EXAMPLES = 20
+UNSIGNED_EXAMPLES = 8
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+HTTP_TIMEOUT_S = 10.0
+
+
+DOC = yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
+LABELS = [f"{method.upper()} {path}" for path, item in DOC["paths"].items() for method in item]
+
+
+def _is_protected(label: str) -> bool:
+    return label != "GET /ping"
+
+
+def _signed_runs() -> list[tuple[str, GenerationMode]]:
+    """Every operation with valid data; with invalid data too, unless it has nothing to make invalid
+    (``GET /ping`` takes no parameter, no body and no credentials)."""
+    runs = []
+    for path, item in DOC["paths"].items():
+        for method, op in item.items():
+            label = f"{method.upper()} {path}"
+            runs.append((label, GenerationMode.POSITIVE))
+            if op.get("parameters") or op.get("requestBody") or _is_protected(label):
+                runs.append((label, GenerationMode.NEGATIVE))
+    return runs
+
+
+class KVHmacAuth(AuthBase):
+    """Signs the final prepared request: method, Host, path and query as on the request line, body bytes.
+
+    ``requests`` runs auth after it has encoded the URL and the body, so what is signed is what is sent;
+    ``Signer.authorization`` is ``kvtornado.auth.sign_request`` with the signer's clock and nonces.
+    With ``signer=None`` it strips any ``Authorization`` instead (the unsigned pass). ``then`` headers are
+    set after signing: for requests that must be refused.
+    """
+
+    def __init__(self, signer: Signer | None, then: Mapping[str, str | None] | None = None) -> None:
+        self.signer = signer
+        self.then = dict(then or {})
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        r.headers.pop("Authorization", None)
+        if self.signer is not None:
+            self._sign(r, self.signer)
+        for name, value in self.then.items():
+            if value is None:
+                r.headers.pop(name, None)
+            else:
+                r.headers[name] = value
+        return r
+
+    @staticmethod
+    def _sign(r: requests.PreparedRequest, signer: Signer) -> None:
+        body = r.body or b""
+        if isinstance(body, str):
+            # http.client would send a str as Latin-1: send (and sign) its UTF-8 bytes instead; requests
+            # recomputes Content-Length after auth.
+            body = body.encode("utf-8")
+            r.body = body
+        assert isinstance(body, bytes), f"cannot sign a streamed body: {type(body)!r}"
+        host = urlsplit(r.url).netloc
+        r.headers["Host"] = host  # sent as given, so the signed Host is the sent one
+        path, _, query = r.path_url.partition("?")
+        r.headers["Authorization"] = signer.authorization(r.method or "", host, path, query, body)
+
+
+@pytest.fixture(scope="module")
+def schema() -> Any:
+    loaded = schemathesis.openapi.from_path(SCHEMA_PATH)
+    loaded.validate()  # a valid OpenAPI 3.1 document, or nothing below means anything
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    folder = tmp_path_factory.mktemp("schemathesis")
+    write_keys(folder / "keys" / "kv.keys", [f"{TEST_KEY_ID} {TEST_SECRET.decode()}"])
+    config = write_config(folder)
+    with ServerProcess.start(4, config) as proc:
+        proc.wait_listening()
+        yield proc
+        assert proc.stop() == 0, proc.lines
+
+
+@pytest.fixture(scope="module")
+def session() -> Iterator[requests.Session]:
+    with requests.Session() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def seen() -> dict[str, Counter[int]]:
+    """Statuses per operation label across the signed run (for the coverage assertions)."""
+    return {}
+
+
+def _run(
+    schema: Any, label: str, mode: GenerationMode, max_examples: int, send: Callable[[Case], None]
+) -> None:
+    operation = schema.find_operation_by_label(label)
+    assert operation is not None, f"{label} is not in {SCHEMA_PATH}"
+
+    # No shrinking: a failure is reported as found, at once, with its curl command.
+    @settings(
+        max_examples=max_examples, derandomize=True, database=None, deadline=None,
+        phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck),
+    )
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def run(case: Case) -> None:
+        send(case)
+
+    run()
+
+
+def _call(case: Case, server: ServerProcess, session: requests.Session, auth: KVHmacAuth) -> Any:
+    return case.call(base_url=server.base_url, session=session, auth=auth, timeout=HTTP_TIMEOUT_S,
+                     allow_redirects=False)
+
+
+@pytest.mark.parametrize(("label", "mode"), _signed_runs(), ids=lambda v: getattr(v, "value", v))
+def test_signed_requests_get_documented_answers(
+    schema: Any, server: ServerProcess, session: requests.Session, seen: dict[str, Counter[int]],
+    label: str, mode: GenerationMode,
+) -> None:
+    auth = KVHmacAuth(Signer(TEST_KEY_ID, TEST_SECRET))
+    statuses = seen.setdefault(label, Counter())
+
+    def send(case: Case) -> None:
+        response = _call(case, server, session, auth)
+        statuses[response.status_code] += 1
+        case.validate_response(response, checks=CHECKS)
+        # 401 is documented, so the conformance checks would let a signing mistake through.
+        assert response.status_code != 401, (case.as_curl_command(), response.text)
+
+    _run(schema, label, mode, MAX_EXAMPLES, send)
+    assert sum(statuses.values()) > 0
+
+
+@pytest.mark.parametrize("label", [label for label in LABELS if _is_protected(label)])
+def test_unsigned_requests_are_401_missing_auth(
+    schema: Any, server: ServerProcess, session: requests.Session, label: str
+) -> None:
+    auth = KVHmacAuth(None)
+    count = 0
+
+    def send(case: Case) -> None:
+        nonlocal count
+        response = _call(case, server, session, auth)
+        count += 1
+        case.validate_response(response, checks=CHECKS)
+        assert response.status_code == 401, (case.as_curl_command(), response.status_code, response.text)
+        assert response.json()["error"] == "missing_auth"
+        assert response.headers["www-authenticate"] == ['KV-HMAC-SHA256 error="missing_auth"']  # lower-cased names
+
+    _run(schema, label, GenerationMode.POSITIVE, UNSIGNED_EXAMPLES, send)
+    assert count > 0
+
+
+# Answers generated data rarely reaches, each checked against the schema like the generated ones.
+# (label, query, body, signer, headers set after signing, status, error code or None)
+_GOOD = Signer(TEST_KEY_ID, TEST_SECRET)
+EDGE_CASES = {
+    # no-store data has no ETag: a conditional GET still gets its 200 and body
+    "conditional GET /ping": ("GET /ping", None, None, None, {"If-None-Match": "*"}, 200, None),
+    "conditional GET /authorize": ("GET /authorize", None, None, _GOOD, {"If-None-Match": "*"}, 200, None),
+    "conditional GET /stats": ("GET /stats", None, None, _GOOD, {"If-None-Match": "*"}, 200, None),
+    "stale timestamp": ("GET /authorize", None, None, Signer(TEST_KEY_ID, TEST_SECRET, clock=lambda: 1_000_000_000),
+                        None, 401, "stale_timestamp"),
+    "bad signature": ("POST /flush", None, None, Signer(TEST_KEY_ID, b"b" * 64), None, 401, "bad_signature"),
+    "unknown key": ("GET /get", {"key": "k"}, None, Signer("nobody", TEST_SECRET), None, 401, "unknown_key"),
+    "malformed auth": ("GET /stats", None, None, None, {"Authorization": "Bearer x"}, 401, "malformed_auth"),
+    "key over 512 bytes": ("GET /get", {"key": "é" * 257}, None, _GOOD, None, 413, "too_large"),
+    # requests recomputes Content-Length after auth whenever there is a body: these announce one and send none.
+    "body announced too large, unsigned": ("POST /save", None, None, None, {"Content-Length": str(10**12)},
+                                           413, "too_large"),
+    "body announced too large on /ping": ("GET /ping", None, None, None, {"Content-Length": str(10**12)},
+                                          413, "too_large"),
+    "two Content-Lengths": ("GET /ping", None, None, None, {"Content-Length": "1, 2"}, 400, "bad_request"),
+    "gzip Transfer-Encoding": ("GET /stats", None, None, _GOOD, {"Transfer-Encoding": "gzip"}, 400, "bad_request"),
+    "durable=maybe": ("DELETE /delete", {"key": "k", "durable": "maybe"}, None, _GOOD, None, 400, "bad_request"),
+    "POST /delete with neither body nor key": ("POST /delete", None, None, _GOOD, None, 400, "missing_key"),
+    "text body": ("POST /save", None, "key=k", _GOOD, {"Content-Type": "text/plain"}, 415,
+                  "unsupported_media_type"),
+}
+
+
+def _check_error_answer(response: Any, status: int, code: str | None) -> None:
+    assert response.status_code == status, (response.status_code, response.text)
+    if code is not None:
+        assert response.json()["error"] == code, response.text
+
+
+@pytest.mark.parametrize("name", list(EDGE_CASES))
+def test_edge_answers_are_documented(schema: Any, server: ServerProcess, name: str) -> None:
+    label, query, body, signer, headers, status, code = EDGE_CASES[name]
+    operation = schema.find_operation_by_label(label)
+    if body is None:
+        case = operation.Case(query=query)
+    elif isinstance(body, str):  # sent as it is, under the Content-Type set after signing
+        case = operation.Case(query=query, body=body, media_type="application/x-www-form-urlencoded")
+    else:
+        case = operation.Case(query=query, body=body, media_type="application/json")
+    # No shared session: a request refused before its body is read has its connection closed after the answer.
+    response = case.call(base_url=server.base_url, auth=KVHmacAuth(signer, headers), timeout=HTTP_TIMEOUT_S)
+    _check_error_answer(response, status, code)
+    case.validate_response(response, checks=CHECKS)
+    if code == "stale_timestamp":
+        assert abs(int(response.headers["x-kv-server-time"][0]) - time.time()) < 60
+    assert "etag" not in response.headers, response.headers
+
+
+def test_a_replayed_nonce_is_401_as_documented(schema: Any, server: ServerProcess) -> None:
+    auth = KVHmacAuth(Signer(TEST_KEY_ID, TEST_SECRET, nonce=lambda: "replayed-nonce-0123456789"))
+    case = schema.find_operation_by_label("POST /authorize").Case()
+    first = case.call(base_url=server.base_url, auth=auth, timeout=HTTP_TIMEOUT_S)
+    again = case.call(base_url=server.base_url, auth=auth, timeout=HTTP_TIMEOUT_S)
+    _check_error_answer(first, 200, None)
+    _check_error_answer(again, 401, "replayed_nonce")
+    case.validate_response(again, checks=CHECKS)
+
+
+def test_overloaded_is_503_with_retry_after_as_documented(schema: Any, tmp_path: Path) -> None:
+    """A second server that never flushes on its own and takes one pending write: the next new key is 503."""
+    write_keys(tmp_path / "keys" / "kv.keys", [f"{TEST_KEY_ID} {TEST_SECRET.decode()}"])
+    config = write_config(tmp_path, {"cache": {"max_dirty": 1, "flush_interval_ms": 3_600_000}})
+    auth = KVHmacAuth(Signer(TEST_KEY_ID, TEST_SECRET))
+    save = schema.find_operation_by_label("POST /save")
+    with ServerProcess.start(4, config) as proc:
+        proc.wait_listening()
+        first = save.Case(body={"key": "one", "value": 1}, media_type="application/json")
+        second = save.Case(body={"key": "two", "value": 2}, media_type="application/json")
+        _check_error_answer(first.call(base_url=proc.base_url, auth=auth, timeout=HTTP_TIMEOUT_S), 200, None)
+        refused = second.call(base_url=proc.base_url, auth=auth, timeout=HTTP_TIMEOUT_S)
+        _check_error_answer(refused, 503, "overloaded")
+        # Every check but not_a_server_error: this 5xx is the documented answer.
+        second.validate_response(refused, checks=CHECKS[1:])
+        assert int(refused.headers["retry-after"][0]) >= 1
+        flush = schema.find_operation_by_label("POST /flush").Case()
+        flushed = flush.call(base_url=proc.base_url, auth=auth, timeout=HTTP_TIMEOUT_S)
+        flush.validate_response(flushed, checks=CHECKS)
+        assert flushed.json() == {"flushed": 1}
+        assert proc.stop() == 0, proc.lines
+
+
+def test_the_run_reached_the_store_and_left_the_server_healthy(
+    server: ServerProcess, seen: dict[str, Counter[int]]
+) -> None:
+    """Runs after the cases above (same module, file order): they did real work and broke nothing."""
+    if len(seen) < len(LABELS):
+        pytest.skip("only part of the generated run was selected")
+    for label in ("GET /ping", "GET /authorize", "POST /authorize", "POST /save", "POST /flush", "GET /stats"):
+        assert seen[label][200] > 0, (label, seen[label])
+    for label in ("GET /get", "DELETE /delete", "POST /delete"):
+        # 200 or 404: a valid, signed request reached the key/value store.
+        assert seen[label][200] + seen[label][404] > 0, (label, seen[label])
+    assert server.proc.poll() is None, server.lines
+    with KVClient(server.base_url, Signer(TEST_KEY_ID, TEST_SECRET)) as client:
+        assert client.ping() == {"ping": "pong"}
+        value = {"after": "schemathesis", "n": [1, 2.5, None, True], "text": "héllo ☃"}
+        assert client.save("health-check", value) == {"key": "health-check", "saved": True}
+        assert client.get("health-check") == value
+        assert client.flush()["flushed"] >= 1
+        assert client.get("health-check") == value
+    # Nothing went wrong inside the server either: no traceback, no 5xx in the access log.
+    log_text = "\n".join(server.lines)
+    assert "Traceback" not in log_text
+    assert not re.search(r"kvtornado\.access: 5\d\d ", log_text), log_text
+
+
+def test_the_schema_documents_every_operation_of_spec_section_5() -> None:
+    expected = {
+        "GET /ping", "GET /authorize", "POST /authorize", "POST /save", "GET /get", "DELETE /delete",
+        "POST /delete", "POST /flush", "GET /stats",
+    }
+    assert set(LABELS) == expected
+    for path, item in DOC["paths"].items():
+        for method, op in item.items():
+            protected = _is_protected(f"{method.upper()} {path}")
+            assert ("401" in op["responses"]) == protected, (method, path)
+            assert op.get("security", DOC["security"]) == ([{"kvHmac": []}] if protected else []), (method, path)
