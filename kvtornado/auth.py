@@ -51,11 +51,13 @@ def _is_secret_text(s: str) -> bool:
 def parse_keys(text: str, *, label: str) -> dict[str, bytes]:
     """Parse ``<key_id> <secret>`` lines; errors name the line, never the secret."""
     keys: dict[str, bytes] = {}
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
+    # Only LF ends a line and only spaces and tabs separate fields, so a stray control character can
+    # neither shift the line numbers in errors nor split a secret.
+    for lineno, raw in enumerate(text.split("\n"), start=1):
+        line = raw.rstrip("\r").strip(" \t")
         if not line or line.startswith("#"):
             continue
-        parts = line.split()
+        parts = [p for p in re.split(r"[ \t]+", line) if p]
         if len(parts) != 2:
             raise ConfigError(f"{label} line {lineno}: expected '<key_id> <secret>' (two fields separated by a space)")
         key_id, secret = parts

@@ -116,11 +116,12 @@ class KVClient(_Api):
         hdrs = {"Host": self.host_header}
         if body or method in ("POST", "PUT", "PATCH"):
             hdrs["Content-Type"] = content_type or JSON
-        if sign and self.signer is not None:
-            hdrs["Authorization"] = self.signer.authorization(method, self.host_header, path, query, body)
         hdrs.update(headers or {})
         target = path + ("?" + query if query else "")
         for attempt in (1, 2):
+            if sign and self.signer is not None and not (headers and "Authorization" in headers):
+                # Signed afresh on every attempt: a retry with the same nonce would be refused as a replay.
+                hdrs["Authorization"] = self.signer.authorization(method, self.host_header, path, query, body)
             try:
                 self._conn.request(method, target, body=body or None, headers=hdrs)
                 r = self._conn.getresponse()

@@ -139,6 +139,12 @@ def parse_key_body(content_type: str | None, body: bytes, *, max_key_bytes: int)
 
 
 def query_fields(query: str) -> dict[str, str]:
+    if not query:
+        return {}
+    if "&" not in query and "%" not in query and "+" not in query:
+        # One plain field (the common ?key=abc): nothing to split or decode.
+        name, _, value = query.partition("=")
+        return {name: value}
     try:
         return dict(parse_qsl(query, keep_blank_values=True, encoding="utf-8", errors="strict"))
     except (UnicodeDecodeError, ValueError):

@@ -132,6 +132,9 @@ def _check_value(name: str, value: Any, c: _Checker) -> Any:
     if name in ("auth.secret_file", "storage.path"):
         return c.path(name, value)
     if name == "storage.synchronous":
+        # YAML 1.1 reads a bare OFF (or off/no/false) as the boolean false: that is what the user wrote.
+        if value is False:
+            value = "OFF"
         if not isinstance(value, str) or value.upper() not in SYNCHRONOUS_MODES:
             raise c.fail(name, "one of " + " | ".join(SYNCHRONOUS_MODES), value)
         return value.upper()

@@ -70,6 +70,7 @@ class SqliteStore:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-sqlite-reader")
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
+        self._closed = False
         self.reads = 0
         self.row_writes = 0
         self.commits = 0
@@ -86,11 +87,11 @@ class SqliteStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"{self.path.parent}: cannot create the data folder ({exc.strerror})") from None
+        conn: sqlite3.Connection | None = None
         try:
             conn = _connect(self.path, self.synchronous, self.busy_timeout_ms)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                conn.close()
                 raise StorageError(
                     f"{self.path}: database schema version {version} is newer than this program's ({SCHEMA_VERSION})"
                 )
@@ -100,7 +101,11 @@ class SqliteStore:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             conn.execute("SELECT count(*) FROM kv LIMIT 1").fetchone()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StorageError) as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, StorageError):
+                raise
             raise StorageError(f"{self.path}: cannot open the sqlite database ({exc})") from None
         self._wconn = conn
 
@@ -119,28 +124,36 @@ class SqliteStore:
                 conn.close()
                 setattr(self, attr, None)
 
+        if self._closed:
+            return
         await self._run(self._reader, close_conn, "_rconn")
         await self._run(self._writer, close_conn, "_wconn")
+        self._closed = True
         self._reader.shutdown(wait=True)
         self._writer.shutdown(wait=True)
 
     async def _run(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:  # the threads are gone; say so in the store's own terms
+            raise StorageError("the store is closed")
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     # -- backend operations (what the write-behind cache uses) ---------------------------------
 
-    def _write_rows(self, rows: Sequence[Row]) -> None:
+    def _write_rows(self, rows: Sequence[Row]) -> int:
         conn = self._wconn
         if conn is None:
             raise StorageError("the store is closed")
         now = self.clock()
+        # The last write of a key in the batch wins: upserts and deletes run as two statements below, so a
+        # key must appear once or a put after a delete of it would be lost.
         # Sorted keys turn random B-tree updates into a sequential walk (about 3x faster here).
-        ordered = sorted(rows, key=lambda r: r[0])
+        ordered = sorted(dict(rows).items(), key=lambda r: r[0])
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(_UPSERT, [(k, v, now) for k, v in ordered if v is not None])
             conn.executemany(_DELETE, [(k,) for k, v in ordered if v is None])
             conn.execute("COMMIT")
+            return len(ordered)
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 try:
@@ -153,8 +166,7 @@ class SqliteStore:
         """Commit these row writes in one transaction on the writer thread; ``StorageError`` on failure."""
         if not rows:
             return
-        await self._run(self._writer, self._write_rows, rows)
-        self.row_writes += len(rows)
+        self.row_writes += await self._run(self._writer, self._write_rows, rows)
         self.commits += 1
 
     def _read(self, key: str) -> str | None:

@@ -1,0 +1,335 @@
+"""kvtornado/config.py: defaults, every SPEC §3 key, one-line refusals naming the key, path resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvtornado.config import (
+    AuthConfig,
+    CacheConfig,
+    Config,
+    LimitsConfig,
+    ServerConfig,
+    StorageConfig,
+    load_config,
+)
+from kvtornado.errors import ConfigError
+
+
+def write(folder: Path, text: str, name: str = "config.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def refusal(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message and "\r" not in message, message
+    return message
+
+
+# --- defaults --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("", id="empty-file"),
+        pytest.param("# only a comment\n", id="only-comment"),
+        pytest.param("server:\nauth:\nstorage:\ncache:\nlimits:\n", id="empty-sections"),
+    ],
+)
+def test_empty_file_gives_every_default(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+
+    cfg = load_config(path)
+
+    assert cfg.server == ServerConfig()
+    assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8888 and cfg.server.max_body_bytes == 2097152
+    assert cfg.cache == CacheConfig(
+        max_entries=100000, flush_interval_ms=100, flush_batch_size=5000, max_dirty=100000,
+        durable_timeout_ms=5000, shutdown_timeout_s=30,
+    )
+    assert cfg.limits == LimitsConfig(max_key_bytes=512, max_value_bytes=1048576)
+    assert cfg.auth == AuthConfig(
+        secret_file=tmp_path.resolve() / ".secrets" / "kv.keys", max_skew_s=300, max_nonces=1000000, public_host=None
+    )
+    assert cfg.storage == StorageConfig(path=tmp_path.resolve() / "data" / "kv.sqlite3", synchronous="FULL")
+    assert cfg.source == path.resolve()
+
+
+def test_missing_sections_keep_their_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, "server:\n  port: 9000\nstorage:\n  synchronous: OFF\n")
+
+    cfg = load_config(path)
+
+    assert cfg.server == ServerConfig(port=9000)
+    assert cfg.storage.synchronous == "OFF"
+    # a section given without its path key still gets the default path, resolved against the file's folder
+    assert cfg.storage.path == tmp_path.resolve() / "data" / "kv.sqlite3"
+    assert cfg.auth.secret_file == tmp_path.resolve() / ".secrets" / "kv.keys"
+    assert cfg.cache == CacheConfig()
+    assert cfg.limits == LimitsConfig()
+
+
+def test_every_spec_key_is_accepted(tmp_path: Path) -> None:
+    keys = tmp_path / "abs" / "my.keys"
+    path = write(
+        tmp_path,
+        f"""
+server:
+  host: 0.0.0.0
+  port: 0
+  max_body_bytes: 4096
+auth:
+  secret_file: {keys}
+  max_skew_s: 60
+  max_nonces: 10
+  public_host: KV.Example.com:443
+storage:
+  path: db/kv.db
+  synchronous: normal
+cache:
+  max_entries: 7
+  flush_interval_ms: 1
+  flush_batch_size: 3
+  max_dirty: 9
+  durable_timeout_ms: 250
+  shutdown_timeout_s: 2
+limits:
+  max_key_bytes: 16
+  max_value_bytes: 1024
+""",
+    )
+
+    cfg = load_config(path)
+
+    assert cfg == Config(
+        server=ServerConfig(host="0.0.0.0", port=0, max_body_bytes=4096),  # noqa: S104
+        auth=AuthConfig(secret_file=keys, max_skew_s=60, max_nonces=10, public_host="kv.example.com:443"),
+        storage=StorageConfig(path=tmp_path.resolve() / "db" / "kv.db", synchronous="NORMAL"),
+        cache=CacheConfig(
+            max_entries=7, flush_interval_ms=1, flush_batch_size=3, max_dirty=9, durable_timeout_ms=250,
+            shutdown_timeout_s=2,
+        ),
+        limits=LimitsConfig(max_key_bytes=16, max_value_bytes=1024),
+        source=path.resolve(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("server:\n  port: 65535\n", 65535, id="port-max"),
+        pytest.param("server:\n  port: 0\n", 0, id="port-ephemeral"),
+    ],
+)
+def test_port_bounds_are_inclusive(tmp_path: Path, text: str, expected: int) -> None:
+    assert load_config(write(tmp_path, text)).server.port == expected
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        # A bare OFF is the boolean false in YAML 1.1; it still means OFF, as SPEC §3 documents it.
+        pytest.param("OFF", "OFF", id="bare-OFF"),
+        pytest.param("off", "OFF", id="bare-off"),
+        pytest.param("'OFF'", "OFF", id="quoted-OFF"),
+        pytest.param("NORMAL", "NORMAL", id="NORMAL"),
+        pytest.param("Normal", "NORMAL", id="Normal"),
+        pytest.param("FULL", "FULL", id="FULL"),
+        pytest.param("full", "FULL", id="full"),
+    ],
+)
+def test_synchronous_modes_are_normalised(tmp_path: Path, written: str, expected: str) -> None:
+    cfg = load_config(write(tmp_path, f"storage:\n  synchronous: {written}\n"))
+    assert cfg.storage.synchronous == expected
+
+
+def test_public_host_null_is_accepted(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "auth:\n  public_host: null\n")).auth.public_host is None
+
+
+# --- refusals --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "cache:\n  flush_interval_ms: fast\n",
+            'config.yaml: cache.flush_interval_ms must be an integer >= 1, got "fast"',
+            id="string-for-int",
+        ),
+        pytest.param(
+            "nope:\n  x: 1\n",
+            'config.yaml: unknown key "nope"; expected one of server, auth, storage, cache, limits',
+            id="unknown-top-level-key",
+        ),
+        pytest.param(
+            "cache:\n  flush_interval: 5\n",
+            'config.yaml: unknown key "cache.flush_interval"; expected one of cache.max_entries, '
+            "cache.flush_interval_ms, cache.flush_batch_size, cache.max_dirty, cache.durable_timeout_ms, "
+            "cache.shutdown_timeout_s",
+            id="unknown-nested-key",
+        ),
+        pytest.param(
+            "server:\n  port: true\n",
+            "config.yaml: server.port must be an integer between 0 and 65535, got true",
+            id="bool-for-int",
+        ),
+        pytest.param(
+            "limits:\n  max_key_bytes: 12.5\n",
+            "config.yaml: limits.max_key_bytes must be an integer >= 1, got 12.5",
+            id="float-for-int",
+        ),
+        pytest.param(
+            "cache:\n  - 1\n  - 2\n",
+            "config.yaml: cache must be a mapping, got [1, 2]",
+            id="list-for-section",
+        ),
+        pytest.param(
+            "server: 8888\n",
+            "config.yaml: server must be a mapping, got 8888",
+            id="int-for-section",
+        ),
+        pytest.param(
+            "server:\n  port: 70000\n",
+            "config.yaml: server.port must be an integer between 0 and 65535, got 70000",
+            id="port-out-of-range",
+        ),
+        pytest.param(
+            "server:\n  port: -1\n",
+            "config.yaml: server.port must be an integer between 0 and 65535, got -1",
+            id="port-negative",
+        ),
+        pytest.param(
+            "cache:\n  flush_interval_ms: 0\n",
+            "config.yaml: cache.flush_interval_ms must be an integer >= 1, got 0",
+            id="flush-interval-zero",
+        ),
+        pytest.param(
+            "auth:\n  max_skew_s: 0\n",
+            "config.yaml: auth.max_skew_s must be an integer >= 1, got 0",
+            id="max-skew-zero",
+        ),
+        pytest.param(
+            "storage:\n  synchronous: EXTRA\n",
+            'config.yaml: storage.synchronous must be one of OFF | NORMAL | FULL, got "EXTRA"',
+            id="bad-synchronous",
+        ),
+        pytest.param(
+            "storage:\n  synchronous: on\n",
+            "config.yaml: storage.synchronous must be one of OFF | NORMAL | FULL, got true",
+            id="synchronous-on",
+        ),
+        pytest.param(
+            "storage:\n  synchronous: 2\n",
+            "config.yaml: storage.synchronous must be one of OFF | NORMAL | FULL, got 2",
+            id="numeric-synchronous",
+        ),
+        pytest.param(
+            "server:\n  host: ''\n",
+            'config.yaml: server.host must be a non-empty string, got ""',
+            id="empty-host",
+        ),
+        pytest.param(
+            "storage:\n  path: 12\n",
+            "config.yaml: storage.path must be a non-empty string, got 12",
+            id="int-for-path",
+        ),
+        pytest.param(
+            "auth:\n  public_host: 'kv example.com'\n",
+            'config.yaml: auth.public_host must be a host name without white space, or null, got "kv example.com"',
+            id="public-host-with-space",
+        ),
+        pytest.param(
+            "- server\n- cache\n",
+            'config.yaml: the top level must be a mapping of sections, got ["server", "cache"]',
+            id="top-level-list",
+        ),
+    ],
+)
+def test_refusal_is_one_line_naming_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    assert refusal(write(tmp_path, text)) == expected
+
+
+def test_invalid_yaml_is_one_line_with_the_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "server:\n  port: 8888\ncache: [1, 2\n")
+
+    assert refusal(path) == "config.yaml: not valid YAML at line 4: expected ',' or ']', but got '<stream end>'"
+
+
+@pytest.mark.parametrize(
+    ("text", "prefix"),
+    [
+        pytest.param("server:\n\tport: 1\n", "config.yaml: not valid YAML at line 2: ", id="tab-indent"),
+        pytest.param("server: port: 1\n", "config.yaml: not valid YAML at line 1: ", id="nested-colon"),
+    ],
+)
+def test_invalid_yaml_names_the_line(tmp_path: Path, text: str, prefix: str) -> None:
+    assert refusal(write(tmp_path, text)).startswith(prefix)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    assert refusal(path) == f"{path}: config file not found"
+
+
+def test_a_folder_is_not_a_config_file(tmp_path: Path) -> None:
+    folder = tmp_path / "config.yaml"
+    folder.mkdir()
+    message = refusal(folder)
+    assert message.startswith(f"{folder}: cannot read config file")
+
+
+# --- paths -----------------------------------------------------------------------------------
+
+
+def test_relative_paths_resolve_against_the_config_folder_not_the_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf_dir = tmp_path / "conf"
+    path = write(conf_dir, "auth:\n  secret_file: keys/kv.keys\nstorage:\n  path: ../data/kv.sqlite3\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    cfg = load_config(path)
+
+    assert cfg.auth.secret_file == conf_dir.resolve() / "keys" / "kv.keys"
+    assert cfg.storage.path.resolve() == (tmp_path / "data" / "kv.sqlite3").resolve()
+    assert elsewhere.resolve() not in cfg.auth.secret_file.parents
+
+
+def test_a_relative_config_path_is_resolved_before_its_folder_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path / "conf", "storage:\n  path: kv.db\n")
+    monkeypatch.chdir(tmp_path)
+
+    cfg = load_config("conf/config.yaml")
+    # Moving away afterwards changes nothing: the paths are absolute.
+    monkeypatch.chdir(tmp_path / "conf")
+
+    assert cfg.storage.path.is_absolute()
+    assert cfg.storage.path == (tmp_path / "conf" / "kv.db").resolve()
+    assert cfg.auth.secret_file == (tmp_path / "conf" / ".secrets" / "kv.keys").resolve()
+    assert cfg.source == (tmp_path / "conf" / "config.yaml").resolve()
+
+
+def test_absolute_paths_are_kept(tmp_path: Path) -> None:
+    target = tmp_path / "other" / "kv.sqlite3"
+    cfg = load_config(write(tmp_path / "conf", f"storage:\n  path: {target}\n"))
+    assert cfg.storage.path == target
+
+
+def test_conftest_make_config_is_rooted_in_tmp_path(tmp_path: Path, make_config: object, config: Config) -> None:
+    assert config.storage.path == tmp_path.resolve() / "data" / "kv.sqlite3"
+    assert config.auth.secret_file == tmp_path.resolve() / "keys" / "kv.keys"
+    assert config.server.port == 0

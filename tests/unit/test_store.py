@@ -1,0 +1,368 @@
+"""kvtornado/store.py: the sqlite file and schema, row writes, locking, and no sqlite on the event loop."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvtornado import store as store_module
+from kvtornado.errors import StorageError
+from kvtornado.store import MAX_BUSY_TIMEOUT_MS, SCHEMA_VERSION, SqliteStore
+
+# Captured at import: tests that patch ``sqlite3.connect`` still open their own connections untraced.
+_connect = sqlite3.connect
+CLOCK = 1234.5
+
+
+def direct(path: Path) -> sqlite3.Connection:
+    """A second, independent connection to the store's file (autocommit)."""
+    return _connect(str(path), isolation_level=None, timeout=0)
+
+
+def query(path: Path, sql: str) -> list[Any]:
+    conn = direct(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "nested" / "kv.sqlite3"
+
+
+@pytest.fixture
+def store(io_loop: Any, db_path: Path) -> Iterator[SqliteStore]:
+    s = SqliteStore(db_path, synchronous="NORMAL", busy_timeout_ms=50, clock=lambda: CLOCK)
+    io_loop.run_sync(s.open)
+    yield s
+    io_loop.run_sync(s.close)
+
+
+async def on_writer(s: SqliteStore, sql: str) -> Any:
+    """Run one statement on the store's own writer connection, on its own thread."""
+
+    def run() -> Any:
+        assert s._wconn is not None
+        return s._wconn.execute(sql).fetchone()[0]
+
+    return await s._run(s._writer, run)
+
+
+async def on_reader(s: SqliteStore, sql: str) -> Any:
+    def run() -> Any:
+        assert s._rconn is not None
+        return s._rconn.execute(sql).fetchone()[0]
+
+    return await s._run(s._reader, run)
+
+
+# --- the file and its schema ---------------------------------------------------------------------
+
+
+def test_open_creates_the_folder_and_the_file(store: SqliteStore, db_path: Path) -> None:
+    assert db_path.parent.is_dir()
+    assert db_path.is_file()
+
+
+def test_journal_mode_is_wal_and_schema_version_is_set(store: SqliteStore, db_path: Path) -> None:
+    assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
+    assert query(db_path, "PRAGMA user_version") == [(1,)]
+    assert SCHEMA_VERSION == 1
+
+
+def test_table_layout(store: SqliteStore, db_path: Path) -> None:
+    assert query(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'") == [("kv",)]
+    (sql,), = query(db_path, "SELECT sql FROM sqlite_master WHERE name = 'kv'")
+    assert sql.rstrip().upper().endswith("WITHOUT ROWID")
+    columns = [(name, kind, notnull, pk) for _, name, kind, notnull, _, pk in query(db_path, "PRAGMA table_info(kv)")]
+    # a WITHOUT ROWID primary key is NOT NULL by itself
+    assert columns == [("key", "TEXT", 1, 1), ("value", "TEXT", 1, 0), ("updated_at", "REAL", 1, 0)]
+    with pytest.raises(sqlite3.OperationalError, match="rowid"):
+        query(db_path, "SELECT rowid FROM kv")
+
+
+@pytest.mark.parametrize(("mode", "level"), [("OFF", 0), ("NORMAL", 1), ("FULL", 2)])
+@pytest.mark.gen_test
+async def test_synchronous_and_busy_timeout_on_both_connections(
+    io_loop: Any, tmp_path: Path, mode: str, level: int
+) -> None:
+    s = SqliteStore(tmp_path / "kv.sqlite3", synchronous=mode, busy_timeout_ms=50)
+    await s.open()
+    try:
+        assert await on_writer(s, "PRAGMA synchronous") == level
+        assert await on_reader(s, "PRAGMA synchronous") == level
+        assert await on_writer(s, "PRAGMA busy_timeout") == 50
+        assert await on_reader(s, "PRAGMA journal_mode") == "wal"
+    finally:
+        await s.close()
+
+
+def test_busy_timeout_is_capped_at_five_seconds(tmp_path: Path) -> None:
+    assert SqliteStore(tmp_path / "kv.sqlite3", busy_timeout_ms=60_000).busy_timeout_ms == MAX_BUSY_TIMEOUT_MS == 5000
+
+
+@pytest.mark.gen_test
+async def test_newer_schema_version_is_refused(io_loop: Any, tmp_path: Path) -> None:
+    path = tmp_path / "kv.sqlite3"
+    conn = direct(path)
+    conn.execute("PRAGMA user_version = 2")
+    conn.close()
+
+    s = SqliteStore(path)
+    try:
+        with pytest.raises(StorageError, match="schema version 2 is newer than this program's \\(1\\)"):
+            await s.open()
+    finally:
+        await s.close()
+    # the file was left as it was
+    assert query(path, "PRAGMA user_version") == [(2,)]
+    assert query(path, "SELECT name FROM sqlite_master") == []
+
+
+@pytest.mark.gen_test
+async def test_an_uncreatable_folder_is_a_storage_error(io_loop: Any, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    s = SqliteStore(blocker / "kv.sqlite3")
+    try:
+        with pytest.raises(StorageError, match="cannot create the data folder"):
+            await s.open()
+    finally:
+        await s.close()
+
+
+@pytest.mark.gen_test
+async def test_a_file_that_is_not_a_database_is_a_storage_error(io_loop: Any, tmp_path: Path) -> None:
+    path = tmp_path / "kv.sqlite3"
+    path.write_bytes(b"not a database " * 100)
+    s = SqliteStore(path)
+    try:
+        with pytest.raises(StorageError, match="cannot open the sqlite database"):
+            await s.open()
+    finally:
+        await s.close()
+    assert path.read_bytes() == b"not a database " * 100
+
+
+# --- reads and writes ----------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_put_get_delete_round_trip(store: SqliteStore, db_path: Path) -> None:
+    assert await store.get("k") is None
+
+    await store.put("k", '{"a":[1,"é"]}')
+    assert await store.get("k") == '{"a":[1,"é"]}'
+    # committed, so another connection sees it, with the injected clock as updated_at
+    assert query(db_path, "SELECT key, value, updated_at FROM kv") == [("k", '{"a":[1,"é"]}', CLOCK)]
+
+    await store.put("k", '"second"')
+    assert await store.get("k") == '"second"'
+
+    assert await store.delete("k") is True
+    assert await store.get("k") is None
+    assert query(db_path, "SELECT count(*) FROM kv") == [(0,)]
+
+
+@pytest.mark.gen_test
+async def test_delete_of_an_absent_key_returns_false(store: SqliteStore) -> None:
+    assert await store.delete("never-saved") is False
+    await store.put("k", "1")
+    assert await store.delete("k") is True
+    assert await store.delete("k") is False
+
+
+@pytest.mark.gen_test
+async def test_keys_are_exact(store: SqliteStore) -> None:
+    await store.put("K", "1")
+    await store.put("k ", "2")
+    await store.put("ключ😀", "3")
+    await store.put("a\x00b", "4")  # an embedded NUL is part of the key, not its end
+    assert [await store.get(k) for k in ("K", "k", "k ", "ключ😀", "a\x00b", "a")] == ["1", None, "2", "3", "4", None]
+
+
+@pytest.mark.gen_test
+async def test_write_rows_puts_and_deletes_in_one_transaction(
+    io_loop: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trace: list[str] = []
+
+    def traced_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = _connect(*args, **kwargs)
+        conn.set_trace_callback(trace.append)
+        return conn
+
+    monkeypatch.setattr(store_module.sqlite3, "connect", traced_connect)
+    s = SqliteStore(tmp_path / "kv.sqlite3", busy_timeout_ms=50)
+    await s.open()
+    try:
+        await s.write_rows([("gone", "0"), ("kept", "0")])
+        trace.clear()
+        commits = s.commits
+
+        await s.write_rows([("b", '"x"'), ("gone", None), ("a", "1"), ("absent", None)])
+
+        assert trace[0] == "BEGIN IMMEDIATE" and trace[-1] == "COMMIT"
+        assert sum(1 for sql in trace if sql.startswith(("BEGIN", "COMMIT", "ROLLBACK"))) == 2
+        assert sum(1 for sql in trace if sql.startswith("INSERT")) == 2
+        assert sum(1 for sql in trace if sql.startswith("DELETE")) == 2
+        assert s.commits == commits + 1
+        assert [await s.get(k) for k in ("a", "b", "gone", "kept", "absent")] == ["1", '"x"', None, "0", None]
+    finally:
+        await s.close()
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        pytest.param([("k", '"a"'), ("k", '"b"')], '"b"', id="put-put"),
+        pytest.param([("k", '"a"'), ("k", None)], None, id="put-delete"),
+        pytest.param([("k", None), ("k", '"b"')], '"b"', id="delete-put"),
+        pytest.param([("k", '"a"'), ("k", None), ("k", '"c"')], '"c"', id="put-delete-put"),
+    ],
+)
+@pytest.mark.gen_test
+async def test_write_rows_last_write_of_a_key_wins(
+    store: SqliteStore, rows: list[tuple[str, str | None]], expected: str | None
+) -> None:
+    await store.put("k", '"before"')
+    await store.write_rows(rows)
+    assert await store.get("k") == expected
+
+
+@pytest.mark.gen_test
+async def test_failing_write_rows_is_rolled_back_whole(store: SqliteStore, db_path: Path) -> None:
+    await store.write_rows([("gone", "0")])
+    conn = direct(db_path)
+    conn.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON kv WHEN NEW.key = 'boom' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    conn.close()
+    commits, row_writes = store.commits, store.row_writes
+
+    with pytest.raises(StorageError, match="refused"):
+        # sorted, "a" is written before "boom" fails: the rollback must undo it
+        await store.write_rows([("a", "1"), ("boom", "2"), ("c", "3"), ("gone", None)])
+
+    assert [await store.get(k) for k in ("a", "boom", "c", "gone")] == [None, None, None, "0"]
+    assert (store.commits, store.row_writes) == (commits, row_writes)
+    # the connection is not left inside a transaction: the next batch commits
+    await store.write_rows([("a", "1"), ("gone", None)])
+    assert [await store.get(k) for k in ("a", "gone")] == ["1", None]
+
+
+@pytest.mark.gen_test
+async def test_empty_write_rows_is_a_no_op(store: SqliteStore) -> None:
+    await store.write_rows([])
+    assert store.commits == 0
+    assert await store.flush() == 0
+
+
+@pytest.mark.gen_test
+async def test_stats_count_reads_row_writes_and_commits(store: SqliteStore) -> None:
+    await store.write_rows([("a", "1"), ("b", "2")])
+    await store.get("a")
+    await store.delete("a")
+    await store.delete("a")
+    assert store.stats() == {"storage": {"reads": 1, "row_writes": 3, "commits": 3}}
+
+
+@pytest.mark.gen_test
+async def test_data_survives_close_and_reopen(io_loop: Any, db_path: Path) -> None:
+    first = SqliteStore(db_path)
+    await first.open()
+    await first.write_rows([("a", '"x"'), ("b", "[1,2]")])
+    await first.delete("b")
+    await first.close()
+
+    second = SqliteStore(db_path)
+    await second.open()
+    try:
+        assert await second.get("a") == '"x"'
+        assert await second.get("b") is None
+    finally:
+        await second.close()
+    assert query(db_path, "PRAGMA user_version") == [(1,)]
+    assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
+
+
+@pytest.mark.gen_test
+async def test_a_closed_store_answers_storage_error(io_loop: Any, db_path: Path) -> None:
+    s = SqliteStore(db_path)
+    await s.open()
+    await s.close()
+    with pytest.raises(StorageError, match="closed"):
+        await s.get("a")
+    with pytest.raises(StorageError, match="closed"):
+        await s.write_rows([("a", "1")])
+    await s.close()  # closing twice is harmless
+
+
+# --- locking -------------------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_locked_database_fails_writes_but_not_reads(store: SqliteStore, db_path: Path) -> None:
+    await store.put("k", '"old"')
+    commits = store.commits
+    other = direct(db_path)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # holds the write lock longer than busy_timeout_ms (50)
+
+        with pytest.raises(StorageError, match="locked"):
+            await store.write_rows([("k", '"new"'), ("n", "1")])
+        with pytest.raises(StorageError, match="locked"):
+            await store.delete("k")
+        assert await store.get("k") == '"old"'  # reads use their own connection and WAL
+        assert store.commits == commits
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+    await store.write_rows([("k", '"new"'), ("n", "1")])
+    assert await store.get("k") == '"new"'
+    assert await store.get("n") == "1"
+    assert store.commits == commits + 1
+
+
+# --- threads -------------------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_no_sqlite_work_on_the_event_loop_thread(
+    io_loop: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trace: list[tuple[str, str]] = []
+
+    def traced_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        trace.append((threading.current_thread().name, "CONNECT"))
+        conn = _connect(*args, **kwargs)
+        conn.set_trace_callback(lambda sql: trace.append((threading.current_thread().name, sql)))
+        return conn
+
+    monkeypatch.setattr(store_module.sqlite3, "connect", traced_connect)
+    loop_thread = threading.current_thread().name
+    s = SqliteStore(tmp_path / "kv.sqlite3", busy_timeout_ms=50)
+
+    await s.open()
+    await s.put("a", "1")
+    await s.write_rows([("b", "2"), ("a", None)])
+    assert await s.get("b") == "2"
+    await s.delete("b")
+    await s.close()
+
+    assert threading.current_thread().name == loop_thread  # the test itself ran on the loop
+    assert len(trace) > 10
+    assert all(thread != loop_thread for thread, _ in trace)
+    writes = {t for t, sql in trace if sql.startswith(("INSERT", "DELETE", "BEGIN", "COMMIT", "CREATE"))}
+    reads = {t for t, sql in trace if sql.startswith("SELECT value")}
+    assert len(writes) == 1 and next(iter(writes)).startswith("kv-sqlite-writer")
+    assert len(reads) == 1 and next(iter(reads)).startswith("kv-sqlite-reader")
+    assert sum(1 for _, sql in trace if sql == "CONNECT") == 2  # one connection each
