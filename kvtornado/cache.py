@@ -97,6 +97,7 @@ class WriteBehindCache:
         self._retry_at = 0.0  # clock time before which periodic/size/durable triggers do not retry
         self._backoff_ms = 0
         self._timer: PeriodicCallback | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None  # a retry due before the next periodic tick
         self._closed = False
         self.stats_ = CacheStats()
 
@@ -112,6 +113,7 @@ class WriteBehindCache:
         if self._timer is not None:
             self._timer.stop()
             self._timer = None
+        self._cancel_retry()
         self._closed = True
         deadline = self.clock() + timeout_s
         total = len(self._dirty)
@@ -336,6 +338,7 @@ class WriteBehindCache:
             f.streak = 0
             self._backoff_ms = 0
             self._retry_at = 0.0
+            self._cancel_retry()
             self._settle(flush_no, None)
         else:
             f.errors += 1
@@ -343,6 +346,10 @@ class WriteBehindCache:
             f.last_error = str(error)
             self._backoff_ms = min(MAX_BACKOFF_MS, max(self.config.flush_interval_ms, self._backoff_ms * 2))
             self._retry_at = self.clock() + self._backoff_ms / 1000
+            if self._timer is not None and self._backoff_ms < self.config.flush_interval_ms:
+                # The backoff is capped at 5 s: with a longer interval the periodic tick would retry too late.
+                self._cancel_retry()
+                self._retry_timer = asyncio.get_running_loop().call_later(self._backoff_ms / 1000, self._retry_due)
             if f.streak == 1:
                 log.warning("flush failed (%s); %d writes kept, retrying with backoff from %d ms",
                             error, len(self._dirty), self._backoff_ms)
@@ -351,6 +358,16 @@ class WriteBehindCache:
             self._trigger(force=self._again_force)
         elif self._new_dirty >= self.config.flush_batch_size or any(w.flush_no > flush_no for w in self._waiters):
             self._trigger()
+
+    def _retry_due(self) -> None:
+        self._retry_timer = None
+        if self._dirty and not self._closed and self._flushing is None:
+            self._trigger(force=True)  # the backoff has run out by the loop's clock
+
+    def _cancel_retry(self) -> None:
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
 
     def _committed(self, chunk: list[tuple[str, tuple[str | None, int]]]) -> None:
         for key, (value, version) in chunk:

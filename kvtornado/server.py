@@ -117,6 +117,11 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
         if store is not None:
             await store.close()
         raise
+    # Handle the stop signals before saying we listen: a supervisor may signal as soon as it reads that line.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     host, port = sockets[0].getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     details = ""
@@ -126,10 +131,6 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
         details += f", flush every {cfg.cache.flush_interval_ms} ms"
     log.info("exercise %d listening on http://%s:%d%s", exercise, shown, port, details)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("signal received: stopping")
 
