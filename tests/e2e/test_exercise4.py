@@ -183,20 +183,28 @@ async def test_durable_writes_are_in_sqlite_when_answered(kv: AsyncKVClient, cac
     assert_error(await get(kv, "d"), 404, "not_found")
 
 
+@pytest.mark.parametrize("busy_timeout_ms", [50], ids=["busy_timeout=50ms"])
 @pytest.mark.parametrize("cache_settings", [{"max_dirty": 3}], ids=["max_dirty=3"])
 @gen_test
 async def test_max_dirty_refuses_new_keys_but_accepts_overwrites(kv: AsyncKVClient, cache_app: CacheApp) -> None:
-    for key in ("a", "b", "c"):
-        assert_ok(await save(kv, key, key))
-    assert_overloaded(await save(kv, "d", "d"))
-    assert_error(await get(kv, "d"), 404, "not_found")  # the refused write left nothing behind
+    # Reaching max_dirty starts a flush at once; with sqlite locked it cannot make room.
+    with write_lock(cache_app.db):
+        for key in ("a", "b", "c"):
+            assert_ok(await save(kv, key, key))
+        assert_overloaded(await save(kv, "d", "d"))
 
-    assert_ok(await save(kv, "b", "b2"))  # an overwrite of a dirty key adds no dirty key
-    assert assert_ok(await get(kv, "b"))["value"] == "b2"
-    assert assert_ok(await get(kv, "a"))["value"] == "a"  # reads keep working
-    s = await stats(kv)
-    assert s["cache"]["dirty"] == 3
-    assert s["rejected"]["overloaded"] == 1
+        async def failed() -> bool | None:
+            return (await stats(kv))["flush"]["errors"] >= 1 or None
+
+        await apoll(failed, timeout_s=10, what="the max_dirty flush to fail")
+        assert_error(await get(kv, "d"), 404, "not_found")  # the refused write left nothing behind
+
+        assert_ok(await save(kv, "b", "b2"))  # an overwrite of a dirty key adds no dirty key
+        assert assert_ok(await get(kv, "b"))["value"] == "b2"
+        assert assert_ok(await get(kv, "a"))["value"] == "a"  # reads keep working
+        s = await stats(kv)
+        assert s["cache"]["dirty"] == 3
+        assert s["rejected"]["overloaded"] == 1
 
     assert await flush(kv) == 3
     assert db_rows(cache_app.db) == {"a": '"a"', "b": '"b2"', "c": '"c"'}

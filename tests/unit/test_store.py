@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import pytest
 
 from kvtornado import store as store_module
 from kvtornado.errors import StorageError
-from kvtornado.store import MAX_BUSY_TIMEOUT_MS, SCHEMA_VERSION, SqliteStore
+from kvtornado.store import MAX_BUSY_TIMEOUT_MS, SCHEMA_VERSION, SqliteStore, ordered_batches
 
 # Captured at import: tests that patch ``sqlite3.connect`` still open their own connections untraced.
 _connect = sqlite3.connect
@@ -366,3 +367,30 @@ async def test_no_sqlite_work_on_the_event_loop_thread(
     assert len(writes) == 1 and next(iter(writes)).startswith("kv-sqlite-writer")
     assert len(reads) == 1 and next(iter(reads)).startswith("kv-sqlite-reader")
     assert sum(1 for _, sql in trace if sql == "CONNECT") == 2  # one connection each
+
+
+# --- batch planning ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("count", "batch_rows"), [(0, 5), (1, 5), (5, 5), (6, 5), (10_007, 5000), (23, 4)])
+def test_ordered_batches_are_globally_sorted_and_bounded(count: int, batch_rows: int) -> None:
+    rnd = random.Random(count)
+    items = [(f"k{rnd.random()}", i) for i in range(count)]
+    batches = ordered_batches(items, batch_rows)
+    assert [item for batch in batches for item in batch] == sorted(items, key=lambda item: item[0])
+    assert all(len(batch) == batch_rows for batch in batches[:-1])
+    assert all(0 < len(batch) <= batch_rows for batch in batches)
+
+
+@pytest.mark.gen_test
+async def test_ordered_batches_run_on_the_writer_thread(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+    real = store_module.ordered_batches
+
+    def spy(items: list[tuple[str, int]], batch_rows: int) -> list[list[tuple[str, int]]]:
+        seen.append(threading.current_thread().name)
+        return real(items, batch_rows)
+
+    monkeypatch.setattr(store_module, "ordered_batches", spy)
+    assert await store.ordered_batches([("b", 1), ("a", 2)], 1) == [[("a", 2)], [("b", 1)]]
+    assert seen and seen[0].startswith("kv-sqlite-writer")

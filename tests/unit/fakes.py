@@ -1,0 +1,125 @@
+"""Test doubles for the write-behind cache: a store over a dict that can fail or stall, and a manual clock."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from kvtornado.errors import StorageError
+from kvtornado.store import Row, ordered_batches
+
+T = TypeVar("T")
+
+
+class Gate:
+    """A stall point. Open, callers pass straight through (no await at all, so a healthy call is atomic);
+    closed, they wait until ``open()``. ``waiting`` says how many are held, so a test can act "during" a call."""
+
+    def __init__(self) -> None:
+        self._opened = asyncio.Event()
+        self._opened.set()
+        self.waiting = 0
+
+    def close(self) -> None:
+        self._opened.clear()
+
+    def open(self) -> None:
+        self._opened.set()
+
+    async def pass_through(self) -> None:
+        if self._opened.is_set():
+            return
+        self.waiting += 1
+        try:
+            await self._opened.wait()
+        finally:
+            self.waiting -= 1
+
+
+class FakeStore:
+    """The two calls the cache uses, over a plain dict of committed rows.
+
+    ``read`` takes its value when it is called and returns it after the read gate: a stalled read is a read
+    that sqlite answered before some later commit. ``write_rows`` applies its rows all at once after the
+    write gate, or raises ``StorageError`` when the store is failing.
+    """
+
+    def __init__(self, committed: dict[str, str] | None = None) -> None:
+        self.committed: dict[str, str] = dict(committed or {})
+        self.read_gate = Gate()
+        self.write_gate = Gate()
+        self.fail_writes = False
+        self.fail_reads = False
+        self.writes_before_failure: int | None = None  # fail every write_rows call after this many succeed
+        self.reads: list[str] = []  # every key read, in order
+        self.write_calls: list[list[Row]] = []  # every write_rows call, failed ones included
+        self.commits: list[list[Row]] = []  # the write_rows calls that committed
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    def heal(self) -> None:
+        self.fail_writes = self.fail_reads = False
+        self.writes_before_failure = None
+
+    async def read(self, key: str) -> str | None:
+        self.reads.append(key)
+        value = self.committed.get(key)
+        await self.read_gate.pass_through()
+        if self.fail_reads:
+            raise StorageError("sqlite read failed: disk I/O error (fake)")
+        return value
+
+    async def ordered_batches(self, items: list[tuple[str, T]], batch_rows: int) -> list[list[tuple[str, T]]]:
+        return ordered_batches(items, batch_rows)  # the real planner, run inline
+
+    async def write_rows(self, rows: Sequence[Row]) -> None:
+        batch = list(rows)
+        self.write_calls.append(batch)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self.write_gate.pass_through()
+            if self.fail_writes or self.writes_before_failure == 0:
+                raise StorageError("sqlite write failed: database is locked (fake)")
+            if self.writes_before_failure is not None:
+                self.writes_before_failure -= 1
+            for key, value in batch:
+                if value is None:
+                    self.committed.pop(key, None)
+                else:
+                    self.committed[key] = value
+            self.commits.append(batch)
+        finally:
+            self.in_flight -= 1
+
+
+class ManualClock:
+    """An injected monotonic clock that moves only when the test says so."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 5.0) -> None:
+    """Poll ``condition`` on the event loop until it holds; fail (not hang) after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.001)
+
+
+async def run_ready(rounds: int = 20) -> None:
+    """Let every task that is ready run to its next real wait (the fake store has no threads, so a few loop
+    rounds are enough for a triggered flush to reach ``write_rows``). Used only to show something did NOT
+    happen; positive conditions are awaited with ``wait_until``."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
