@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as ``python bench/flush_bench.py``: make th
 from bench.common import ROOT, key_name, percentile, preload_value, rss_bytes, value_pool
 from kvtornado.cache import WriteBehindCache
 from kvtornado.config import CacheConfig
+from kvtornado.server import GIL_SWITCH_INTERVAL_S
 from kvtornado.store import SqliteStore
 
 TABLE_ROWS = 100_000
@@ -224,6 +225,7 @@ async def run_all(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as the exercise servers run
     p = argparse.ArgumentParser(prog="python -m bench flush", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="10 000 dirty keys only")
     p.add_argument("--seed", type=int, default=1)

@@ -1,11 +1,14 @@
 """The write-behind cache (exercise 4): reads from memory, writes acknowledged at once, committed in batches.
 
-State per key lives in exactly one of two maps:
-- ``_dirty``: acknowledged, not yet committed (a value, or ``None`` for a delete's tombstone), with the
-  write's version. The batch in flight stays here until its commit, so reads see it and it is never evicted.
+Three maps hold the state; a read looks in them in this order:
+- ``_dirty``: acknowledged since the last flush started (a value, or ``None`` for a delete's tombstone);
+- ``_flight``: taken by the flush in progress, or kept by a failed one for its retry. A flush starts by
+  swapping ``_dirty`` into ``_flight`` (O(1), however many keys), and a key leaves ``_flight`` when its
+  transaction commits. A key written during the flush is in both: the newer write in ``_dirty`` wins;
 - ``_clean``: committed values, least recently used first; only these are evicted.
-A key in neither is read from sqlite on a miss (concurrent misses share one read). Any write to a key
-detaches a read in flight for it, so a read that returns after a newer write never overwrites it.
+Pending writes and tombstones ("dirty": ``_dirty`` and ``_flight``) are never evicted. A key in none of
+the maps is read from sqlite on a miss (concurrent misses share one read). Any write to a key detaches
+a read in flight for it, so a read that returns after a newer write never overwrites it.
 
 Flushes run one at a time: every ``flush_interval_ms`` from a ``PeriodicCallback``, at once when
 ``flush_batch_size`` new keys are dirty, and at once for ``flush()`` or a durable write. A flush takes what
@@ -31,6 +34,8 @@ from kvtornado.errors import DurableTimeout, Overloaded, StorageError
 from kvtornado.store import Row, SqliteStore
 
 log = logging.getLogger("kvtornado.cache")
+
+_ABSENT = object()  # "no pending write" (None is a pending delete)
 
 MAX_BACKOFF_MS = 5000
 
@@ -83,10 +88,11 @@ class WriteBehindCache:
         self.store = store
         self.config = config
         self.clock = clock
-        self._dirty: dict[str, tuple[str | None, int]] = {}
+        self._dirty: dict[str, str | None] = {}
+        self._flight: dict[str, str | None] = {}
+        self._overlap = 0  # keys in both _dirty and _flight: counted once as dirty
         self._clean: OrderedDict[str, str] = OrderedDict()
         self._loading: dict[str, _Load] = {}
-        self._version = 0
         self._new_dirty = 0  # keys that became dirty since the last flush started
         self._flushes_started = 0
         self._flushing: asyncio.Task[None] | None = None
@@ -119,8 +125,8 @@ class WriteBehindCache:
         # waiting out a backoff longer than timeout_s would give up without trying once.
         self._retry_at = 0.0
         deadline = self.clock() + timeout_s
-        total = len(self._dirty)
-        while self._dirty and self.clock() < deadline:
+        total = self.dirty_count
+        while self.dirty_count and self.clock() < deadline:
             if self._flushing is not None:
                 await asyncio.wait({self._flushing}, timeout=max(0.0, deadline - self.clock()))
                 continue
@@ -130,7 +136,7 @@ class WriteBehindCache:
             self._start_flush()
         if self._flushing is not None:
             await asyncio.wait({self._flushing}, timeout=max(0.0, deadline - self.clock()))
-        left = len(self._dirty)
+        left = self.dirty_count
         if left:
             log.error("shutdown: %d of %d acknowledged writes could not be flushed", left, total)
         else:
@@ -143,11 +149,22 @@ class WriteBehindCache:
 
     # -- the key/value interface ----------------------------------------------------------------
 
+    @property
+    def dirty_count(self) -> int:
+        """Acknowledged writes not yet committed, the batch in flight included (distinct keys)."""
+        return len(self._dirty) + len(self._flight) - self._overlap
+
+    def pending(self) -> dict[str, str | None]:
+        """A copy of every pending write (``None`` for a delete): what sqlite does not have yet."""
+        return {**self._flight, **self._dirty}
+
     async def get(self, key: str) -> str | None:
-        pending = self._dirty.get(key)
-        if pending is not None:
+        pending = self._dirty.get(key, _ABSENT)
+        if pending is _ABSENT:
+            pending = self._flight.get(key, _ABSENT)
+        if pending is not _ABSENT:
             self.stats_.hits += 1
-            return pending[0]
+            return pending  # type: ignore[return-value]
         value = self._clean.get(key)
         if value is not None:
             self._clean.move_to_end(key)
@@ -172,7 +189,7 @@ class WriteBehindCache:
 
     async def flush(self) -> int:
         """Commit everything dirty now (retrying at once, whatever the backoff); returns how many keys."""
-        n = len(self._dirty)
+        n = self.dirty_count
         if n == 0:
             return 0
         self._retry_at = 0.0
@@ -183,12 +200,12 @@ class WriteBehindCache:
         s, f = self.stats_, self.stats_.flush
         return {
             "cache": {
-                "entries": len(self._clean) + len(self._dirty),
+                "entries": len(self._clean) + self.dirty_count,
                 "clean": len(self._clean),
                 "hits": s.hits,
                 "misses": s.misses,
                 "evictions": s.evictions,
-                "dirty": len(self._dirty),
+                "dirty": self.dirty_count,
                 "max_entries": self.config.max_entries,
                 "max_dirty": self.config.max_dirty,
             },
@@ -198,7 +215,7 @@ class WriteBehindCache:
                 "errors": f.errors,
                 "last_ms": round(f.last_ms, 3),
                 # acknowledged writes waiting for a retry after a failed flush (0 when healthy)
-                "pending_retry": len(self._dirty) if f.streak else 0,
+                "pending_retry": self.dirty_count if f.streak else 0,
                 "failing": f.streak > 0,
                 "interval_ms": self.config.flush_interval_ms,
             },
@@ -206,15 +223,20 @@ class WriteBehindCache:
 
     # -- reads ----------------------------------------------------------------------------------
 
+    def _pending_value(self, key: str) -> object:
+        """The pending write for ``key`` (a value or None), or ``_ABSENT`` when there is none."""
+        pending = self._dirty.get(key, _ABSENT)
+        return self._flight.get(key, _ABSENT) if pending is _ABSENT else pending
+
     async def _exists(self, key: str) -> bool:
-        pending = self._dirty.get(key)
-        if pending is not None:
-            return pending[0] is not None
+        pending = self._pending_value(key)
+        if pending is not _ABSENT:
+            return pending is not None
         if key in self._clean:
             return True
         value = await self._load(key)
-        pending = self._dirty.get(key)  # a write that landed while we read is newer than the read
-        return pending[0] is not None if pending is not None else value is not None
+        pending = self._pending_value(key)  # a write that landed while we read is newer than the read
+        return pending is not None if pending is not _ABSENT else value is not None
 
     async def _load(self, key: str) -> str | None:
         load = self._loading.get(key)
@@ -236,7 +258,7 @@ class WriteBehindCache:
             return
         if self._loading.get(key) is load:
             del self._loading[key]
-        if not load.stale and value is not None and key not in self._dirty:
+        if not load.stale and value is not None and self._pending_value(key) is _ABSENT:
             self._remember(key, value)
         # A stale read still answers the reads that started before the write: for them it is current.
         load.future.set_result(value)
@@ -244,28 +266,35 @@ class WriteBehindCache:
     def _remember(self, key: str, value: str) -> None:
         self._clean[key] = value
         self._clean.move_to_end(key)
-        while len(self._clean) > self.config.max_entries:
-            self._clean.popitem(last=False)
+        self._evict()
+
+    def _evict(self) -> None:
+        clean = self._clean
+        while len(clean) > self.config.max_entries:
+            clean.popitem(last=False)
             self.stats_.evictions += 1
 
     # -- writes ---------------------------------------------------------------------------------
 
     def _write(self, key: str, value: str | None) -> None:
         if key not in self._dirty:
-            if len(self._dirty) >= self.config.max_dirty:
-                self._trigger()  # make room as soon as sqlite allows (max_dirty may be below the batch size)
-                # Healthy, a flush is on its way now; failing, the next attempt is after the backoff.
-                retry_after_s = math.ceil(self._backoff_ms / 1000) if self.stats_.flush.streak else 1
-                raise Overloaded(f"{len(self._dirty)} writes are waiting for sqlite; retry shortly.",
-                                 retry_after_s=retry_after_s)
+            in_flight = key in self._flight
+            if not in_flight:  # a new dirty key (an overwrite of a pending one is always accepted)
+                if self.dirty_count >= self.config.max_dirty:
+                    self._trigger()  # make room as soon as sqlite allows (max_dirty may be below the batch size)
+                    # Healthy, a flush is on its way now; failing, the next attempt is after the backoff.
+                    retry_after_s = math.ceil(self._backoff_ms / 1000) if self.stats_.flush.streak else 1
+                    raise Overloaded(f"{self.dirty_count} writes are waiting for sqlite; retry shortly.",
+                                     retry_after_s=retry_after_s)
+            else:
+                self._overlap += 1
             self._new_dirty += 1
-        self._version += 1
-        self._dirty[key] = (value, self._version)
+        self._dirty[key] = value
         self._clean.pop(key, None)
         load = self._loading.pop(key, None)
         if load is not None:
             load.stale = True
-        if self._new_dirty >= self.config.flush_batch_size or len(self._dirty) >= self.config.max_dirty:
+        if self._new_dirty >= self.config.flush_batch_size or self.dirty_count >= self.config.max_dirty:
             self._trigger()
 
     async def _await_commit(self, *, durable: bool) -> None:
@@ -287,7 +316,7 @@ class WriteBehindCache:
     # -- flushing -------------------------------------------------------------------------------
 
     def _tick(self) -> None:
-        if self._dirty and self.clock() >= self._retry_at:
+        if self.dirty_count and self.clock() >= self._retry_at:
             self._trigger()
 
     def _trigger(self, *, force: bool = False) -> None:
@@ -300,15 +329,20 @@ class WriteBehindCache:
             self._again = True
             self._again_force = self._again_force or force
             return
-        if self._dirty or self._waiters:
+        if self.dirty_count or self._waiters:
             self._start_flush()
 
     def _start_flush(self) -> None:
         self._flushes_started += 1
         self._new_dirty = 0
         self._again = self._again_force = False
-        snapshot = list(self._dirty.items())
-        self._flushing = self._spawn(self._flush(self._flushes_started, snapshot))
+        if self._flight:  # what a failed flush kept: its retry takes it, overlaid by newer writes
+            self._flight.update(self._dirty)
+            self._dirty = {}
+        else:
+            self._flight, self._dirty = self._dirty, {}
+        self._overlap = 0
+        self._flushing = self._spawn(self._flush(self._flushes_started))
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -316,18 +350,18 @@ class WriteBehindCache:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _flush(self, flush_no: int, snapshot: list[tuple[str, tuple[str | None, int]]]) -> None:
+    async def _flush(self, flush_no: int) -> None:
         f = self.stats_.flush
         started = time.perf_counter()
         committed = 0
         error: StorageError | None = None
         size = self.config.flush_batch_size
         try:
-            for chunk in await self.store.ordered_batches(snapshot, size):
-                rows: list[Row] = [(k, v) for k, (v, _) in chunk]
+            # _flight does not change until a batch commits, so the writer thread may read it meanwhile.
+            for rows in await self.store.ordered_batches(self._flight, size):
                 await self.store.write_rows(rows)
-                self._committed(chunk)
-                committed += len(chunk)
+                self._committed(rows)
+                committed += len(rows)
         except StorageError as exc:
             error = exc
         except Exception as exc:  # a bug, not sqlite: still a failed attempt that keeps its batch
@@ -358,7 +392,7 @@ class WriteBehindCache:
                 self._retry_timer = asyncio.get_running_loop().call_later(self._backoff_ms / 1000, self._retry_due)
             if f.streak == 1:
                 log.warning("flush failed (%s); %d writes kept, retrying with backoff from %d ms",
-                            error, len(self._dirty), self._backoff_ms)
+                            error, self.dirty_count, self._backoff_ms)
             self._settle(flush_no, error)
         if self._again:
             self._trigger(force=self._again_force)
@@ -367,7 +401,7 @@ class WriteBehindCache:
 
     def _retry_due(self) -> None:
         self._retry_timer = None
-        if self._dirty and not self._closed and self._flushing is None:
+        if self.dirty_count and not self._closed and self._flushing is None:
             self._trigger(force=True)  # the backoff has run out by the loop's clock
 
     def _cancel_retry(self) -> None:
@@ -375,14 +409,15 @@ class WriteBehindCache:
             self._retry_timer.cancel()
             self._retry_timer = None
 
-    def _committed(self, chunk: list[tuple[str, tuple[str | None, int]]]) -> None:
-        for key, (value, version) in chunk:
-            current = self._dirty.get(key)
-            if current is not None and current[1] == version:
-                del self._dirty[key]
-                if value is not None:
-                    self._remember(key, value)
-            # else: written again during the flush; it stays dirty for the next one
+    def _committed(self, rows: list[Row]) -> None:
+        dirty, flight, clean = self._dirty, self._flight, self._clean
+        for key, value in rows:
+            del flight[key]
+            if key in dirty:
+                self._overlap -= 1  # written again during the flush: that write stays pending
+            elif value is not None:
+                clean[key] = value  # a new key in clean, so already the most recently used
+        self._evict()
 
     def _settle(self, flush_no: int, error: StorageError | None) -> None:
         keep: list[_Waiter] = []
@@ -394,7 +429,7 @@ class WriteBehindCache:
             elif w.flush_no <= flush_no and w.fail_fast:
                 retry_s = math.ceil(self._backoff_ms / 1000) or 1
                 w.future.set_exception(
-                    Overloaded(f"The flush failed; {len(self._dirty)} writes stay pending and will be retried.",
+                    Overloaded(f"The flush failed; {self.dirty_count} writes stay pending and will be retried.",
                                retry_after_s=retry_s)
                 )
             else:

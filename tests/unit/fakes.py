@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from kvtornado.errors import StorageError
@@ -71,8 +71,8 @@ class FakeStore:
             raise StorageError("sqlite read failed: disk I/O error (fake)")
         return value
 
-    async def ordered_batches(self, items: list[tuple[str, T]], batch_rows: int) -> list[list[tuple[str, T]]]:
-        return ordered_batches(items, batch_rows)  # the real planner, run inline
+    async def ordered_batches(self, rows: Mapping[str, T], batch_rows: int) -> list[list[tuple[str, T]]]:
+        return ordered_batches(rows, batch_rows)  # the real planner, run inline
 
     async def write_rows(self, rows: Sequence[Row]) -> None:
         batch = list(rows)

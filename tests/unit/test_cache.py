@@ -865,13 +865,13 @@ class CacheAgainstDict(RuleBasedStateMachine):
         return self.loop.run_until_complete(asyncio.wait_for(coro, timeout=10))
 
     def _pending(self) -> dict[str, str | None]:
-        return {k: v for k, (v, _) in self.cache._dirty.items()}
+        return self.cache.pending()
 
     def _healthy(self) -> bool:
         return not self.store.fail_writes and self.store.writes_before_failure is None
 
     def _would_overload(self, key: str) -> bool:
-        return key not in self.cache._dirty and len(self.cache._dirty) >= MACHINE_CONFIG.max_dirty
+        return key not in self.cache.pending() and self.cache.dirty_count >= MACHINE_CONFIG.max_dirty
 
     async def _drain(self) -> None:
         pending = [t for t in self.cache._tasks if not t.done()]
@@ -907,7 +907,7 @@ class CacheAgainstDict(RuleBasedStateMachine):
         del self.model[key]
 
     async def _flush(self) -> None:
-        dirty = len(self.cache._dirty)
+        dirty = self.cache.dirty_count
         if not self._healthy() and dirty:
             commits = len(self.store.commits)
             try:
@@ -918,7 +918,7 @@ class CacheAgainstDict(RuleBasedStateMachine):
             assert not self.store.fail_writes, "a flush succeeded on a store that fails every write"
         else:
             assert await self.cache.flush() == dirty
-        assert self.cache._dirty == {}
+        assert self.cache.pending() == {}
         assert self.store.committed == self.model
 
     # -- rules ----------------------------------------------------------------------------------------
@@ -955,7 +955,7 @@ class CacheAgainstDict(RuleBasedStateMachine):
                     event("a get raced writes")
                 await self._save(key)
                 # A delete of a key that is neither dirty nor cached would wait on the held read.
-                if then_delete and (key in self.cache._dirty or key in self.cache._clean):
+                if then_delete and (key in self.cache.pending() or key in self.cache._clean):
                     await self._delete(key)
                 if then_flush:
                     await self._flush()
@@ -1029,8 +1029,9 @@ class CacheAgainstDict(RuleBasedStateMachine):
 
     @invariant()
     def clean_entries_are_current(self) -> None:
+        pending = self.cache.pending()
         for key, value in self.cache._clean.items():
-            assert key not in self.cache._dirty
+            assert key not in pending
             assert self.model.get(key) == value, f"stale clean entry {key}={value}"
 
     @invariant()

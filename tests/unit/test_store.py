@@ -376,7 +376,7 @@ async def test_no_sqlite_work_on_the_event_loop_thread(
 def test_ordered_batches_are_globally_sorted_and_bounded(count: int, batch_rows: int) -> None:
     rnd = random.Random(count)
     items = [(f"k{rnd.random()}", i) for i in range(count)]
-    batches = ordered_batches(items, batch_rows)
+    batches = ordered_batches(dict(items), batch_rows)
     assert [item for batch in batches for item in batch] == sorted(items, key=lambda item: item[0])
     assert all(len(batch) == batch_rows for batch in batches[:-1])
     assert all(0 < len(batch) <= batch_rows for batch in batches)
@@ -387,10 +387,10 @@ async def test_ordered_batches_run_on_the_writer_thread(store: SqliteStore, monk
     seen: list[str] = []
     real = store_module.ordered_batches
 
-    def spy(items: list[tuple[str, int]], batch_rows: int) -> list[list[tuple[str, int]]]:
+    def spy(rows: dict[str, int], batch_rows: int) -> list[list[tuple[str, int]]]:
         seen.append(threading.current_thread().name)
-        return real(items, batch_rows)
+        return real(rows, batch_rows)
 
     monkeypatch.setattr(store_module, "ordered_batches", spy)
-    assert await store.ordered_batches([("b", 1), ("a", 2)], 1) == [[("a", 2)], [("b", 1)]]
+    assert await store.ordered_batches({"b": 1, "a": 2}, 1) == [[("a", 2)], [("b", 1)]]
     assert seen and seen[0].startswith("kv-sqlite-writer")
