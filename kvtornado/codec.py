@@ -32,6 +32,12 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# Built once: json.loads/json.dumps with any keyword argument build a new decoder/encoder on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+compact_json = _COMPACT.encode
+
+
 def json_depth(body: bytes) -> int:
     """Deepest array/object nesting of a JSON text (strings skipped); cheap when brackets are few."""
     depth = deepest = 0
@@ -58,7 +64,7 @@ def parse_json(body: bytes) -> Any:
     if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(body) > MAX_JSON_DEPTH:
         raise InvalidJSON(f"The JSON nests deeper than {MAX_JSON_DEPTH} levels.")
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         detail = f" ({exc.msg} at position {exc.pos})" if isinstance(exc, json.JSONDecodeError) else ""
         raise InvalidJSON(f"The request body is not valid JSON{detail}.") from None
@@ -85,7 +91,7 @@ def check_key(key: Any, max_key_bytes: int) -> str:
 def encode_value(value: Any, max_value_bytes: int) -> str:
     """The value's compact JSON text, checked against the value limit."""
     try:
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        text = compact_json(value)
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
         raise InvalidJSON("The value is not valid unicode (it holds a lone surrogate).") from None

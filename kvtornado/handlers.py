@@ -7,7 +7,6 @@ is read, instead of Tornado's bare 400.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -59,7 +58,7 @@ class Service:
 
 
 def json_bytes(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return codec.compact_json(obj).encode("utf-8")
 
 
 def _framing_error(content_length: str | None, transfer_encoding: str | None) -> str | None:
@@ -283,8 +282,7 @@ class GetHandler(BaseHandler):
         if value is None:
             raise NotFound("No such key.")
         # The stored value is already compact JSON text: splice it in instead of decoding it again.
-        head = json.dumps(key, ensure_ascii=False)
-        self.send_json(('{"key":' + head + ',"value":' + value + "}").encode("utf-8"))
+        self.send_json(('{"key":' + codec.compact_json(key) + ',"value":' + value + "}").encode("utf-8"))
 
 
 class DeleteHandler(BaseHandler):
