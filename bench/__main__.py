@@ -1,5 +1,6 @@
 """``python -m bench [options]``: the HTTP bench; ``python -m bench flush``: the flush bench;
-``python -m bench profile``: py-spy breakdown of a server's CPU per request."""
+``python -m bench profile``: py-spy breakdown of a server's CPU per request;
+``python -m bench asgi --python PY``: /ping on our Tornado server against Starlette/uvicorn."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ def main() -> int:
         from bench import flush_bench
 
         return flush_bench.main(argv[1:])
+    if argv and argv[0] == "asgi":
+        from bench import asgi_ceiling
+
+        return asgi_ceiling.main(argv[1:])
     if argv and argv[0] == "profile":
         from bench import profile_server
 
