@@ -94,10 +94,19 @@ def main(argv: list[str], *, exercise: int, default_config: Path) -> int:
     except OSError as exc:  # e.g. the port is taken
         print(f"error: cannot listen on {cfg.server.host}:{cfg.server.port} ({exc.strerror})", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over SIGINT: nothing was served, nothing to flush
+        log.info("interrupted during start-up")
+        return 0
 
 
 async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None) -> int:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    # Stop signals are handled from the start: one that arrives while sqlite opens, or as soon as a supervisor
+    # reads the listening line, still gets a graceful stop (and exit 0) rather than a kill or a traceback.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     store: SqliteStore | None = None
     kv: KeyValue | None = None
     if exercise >= 3:
@@ -122,11 +131,6 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
         if store is not None:
             await store.close()
         raise
-    # Handle the stop signals before saying we listen: a supervisor may signal as soon as it reads that line.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     host, port = sockets[0].getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     details = ""
