@@ -318,10 +318,16 @@ class Authenticator:
         if not hmac.compare_digest(signature(secret, sts), params.sig):
             raise AuthError("bad_signature", "The signature does not match the request.")
         now = self.clock() if now is None else now
-        if abs(now - params.ts) > self.max_skew_s or self.nonces.below_floor(params.ts):
+        if abs(now - params.ts) > self.max_skew_s:
             raise AuthError(
                 "stale_timestamp",
                 f"The timestamp is outside the accepted window of {self.max_skew_s} s; see X-KV-Server-Time.",
+                headers={"X-KV-Server-Time": str(int(now))},
+            )
+        if self.nonces.below_floor(params.ts):
+            raise AuthError(
+                "stale_timestamp",
+                "The timestamp is too old for the replay protection (the nonce store is full); sign anew.",
                 headers={"X-KV-Server-Time": str(int(now))},
             )
         if self.nonces.seen(params.key_id, params.nonce):

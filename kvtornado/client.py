@@ -247,7 +247,7 @@ def cli(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         keys = load_keys(cfg.auth.secret_file, create=False)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(exc, file=sys.stderr)
         return 2
     key_id = args.key_id or next(iter(keys))
     if key_id not in keys:

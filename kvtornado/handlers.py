@@ -236,7 +236,7 @@ class BaseHandler(RequestHandler):
             return False
         if flag in ("1", "true"):
             return True
-        raise BadRequest("durable must be 1 or 0.")
+        raise BadRequest("durable must be 1, 0, true or false.")
 
 
 class PingHandler(BaseHandler):

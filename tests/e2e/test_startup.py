@@ -104,6 +104,13 @@ def test_start_up_refusal_is_one_clear_line(tmp_path: Path, exercise: int, case:
     assert list(elsewhere.iterdir()) == []
 
 
+def test_the_spec_example_refusal_is_exactly_its_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"cache": {"flush_interval_ms": "fast"}})
+    done = _run(4, config, tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ['config.yaml: cache.flush_interval_ms must be an integer >= 1, got "fast"']
+
+
 @pytest.mark.parametrize("exercise", [2, 3])
 def test_a_missing_keys_file_is_created_with_one_fresh_key(tmp_path: Path, exercise: int) -> None:
     conf_dir = tmp_path / "conf"
@@ -163,4 +170,4 @@ def test_an_uncreatable_keys_file_is_refused_in_one_line(tmp_path: Path, exercis
 def test_a_missing_config_file_is_refused_in_one_line(tmp_path: Path) -> None:
     done = _run(3, tmp_path / "nope.yaml", tmp_path)
     assert done.returncode != 0
-    assert done.stderr.splitlines() == [f"error: {tmp_path / 'nope.yaml'}: config file not found"]
+    assert done.stderr.splitlines() == [f"{tmp_path / 'nope.yaml'}: config file not found"]
