@@ -156,13 +156,15 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
 
     server.stop()  # no new connections
     svc.stopping = True  # new requests on open keep-alive connections get 503
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    # The whole stop, draining included, stays within cache.shutdown_timeout_s (G7).
+    stop_deadline = time.monotonic() + (cfg.cache.shutdown_timeout_s if cache is not None else DRAIN_TIMEOUT_S)
+    drain_deadline = min(stop_deadline, time.monotonic() + DRAIN_TIMEOUT_S)
     # Let requests already being served finish (a durable write waits for a flush, which keeps running).
-    while svc.in_flight > 0 and time.monotonic() < deadline:
+    while svc.in_flight > 0 and time.monotonic() < drain_deadline:
         await asyncio.sleep(0.01)
     status = 0
     if cache is not None:
-        remaining = await cache.stop(cfg.cache.shutdown_timeout_s)
+        remaining = await cache.stop(max(0.0, stop_deadline - time.monotonic()))
         if remaining:
             log.error("could not flush %d acknowledged writes within %d s", remaining, cfg.cache.shutdown_timeout_s)
             return EXIT_UNFLUSHED  # main() exits at once: waiting on sqlite now would outlast the timeout
