@@ -64,7 +64,6 @@ class FlushStats:
     errors: int = 0
     last_ms: float = 0.0
     streak: int = 0  # consecutive failed attempts
-    last_error: str = ""
 
 
 @dataclass
@@ -383,7 +382,6 @@ class WriteBehindCache:
         else:
             f.errors += 1
             f.streak += 1
-            f.last_error = str(error)
             self._backoff_ms = min(MAX_BACKOFF_MS, max(self.config.flush_interval_ms, self._backoff_ms * 2))
             self._retry_at = self.clock() + self._backoff_ms / 1000
             if self._timer is not None and self._backoff_ms < self.config.flush_interval_ms:
