@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tornado.web import HTTPError, RequestHandler, stream_request_body
+from tornado.web import Finish, HTTPError, RequestHandler, stream_request_body
 
 from kvtornado import codec
 from kvtornado.auth import Authenticator
@@ -97,6 +97,14 @@ class BaseHandler(RequestHandler):
     def prepare(self) -> None:
         self.svc.in_flight += 1
         self._counted = True
+        stream = getattr(self.request.connection, "stream", None)
+        if stream is not None and stream.closed():
+            # Tornado's IOStream still hands out bytes it had buffered before the connection was closed, so a
+            # request pipelined behind a refused one (a framing error, an unread body) reaches us here. The
+            # client was told the connection is closed: nothing it sent after that is ever processed.
+            self._refused = True
+            self.set_status(400)
+            raise Finish()
         headers = self.request.headers
         limit = self.svc.config.server.max_body_bytes
         announced = headers.get("Content-Length")

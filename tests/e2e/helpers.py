@@ -242,6 +242,29 @@ async def raw_send(
         return await conn.read_reply(to_head=method == "HEAD")
 
 
+# Framing errors SPEC §5 "HTTP hygiene" calls 400 bad_request: each must close the connection.
+FRAMING_ERRORS = {
+    "unsupported Transfer-Encoding": "Transfer-Encoding: gzip",
+    "non-integer Content-Length": "Content-Length: abc",
+    "both framing headers": "Content-Length: 5\r\nTransfer-Encoding: chunked",
+    "two different Content-Lengths": "Content-Length: 5, 6",
+}
+
+
+async def pipelined_behind_framing_error(port: int, framing: str, hidden: bytes) -> list[Reply]:
+    """``POST /ping`` with a framing error and ``hidden`` (a whole request) right behind it, in one write;
+    every answer read until the server closes the connection."""
+    head = f"POST /ping HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{framing}\r\n\r\n".encode("latin-1")
+    replies: list[Reply] = []
+    async with RawConnection(port) as conn:
+        await conn.send(head + hidden)
+        while True:
+            try:
+                replies.append(await conn.read_reply())
+            except (asyncio.IncompleteReadError, ConnectionResetError):
+                return replies
+
+
 # --- real exercise processes ------------------------------------------------------------------------------
 
 

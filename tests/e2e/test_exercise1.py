@@ -9,7 +9,17 @@ from tornado.web import Application
 
 from kvtornado.app import make_app
 from kvtornado.config import Config
-from tests.e2e.helpers import RawConnection, assert_error, assert_json, fetch, host_of, raw_head, send
+from tests.e2e.helpers import (
+    FRAMING_ERRORS,
+    RawConnection,
+    assert_error,
+    assert_json,
+    fetch,
+    host_of,
+    pipelined_behind_framing_error,
+    raw_head,
+    send,
+)
 
 
 @pytest.fixture
@@ -77,3 +87,12 @@ async def test_unknown_route_is_404_json(http_client: Any, base_url: str, method
     body = b"{}" if method in ("POST", "PUT", "PATCH") else b""
     resp = await send(http_client, base_url, method, path, body=body, content_type="application/json")
     assert_error(resp, 404, "not_found")
+
+
+@pytest.mark.parametrize("framing", list(FRAMING_ERRORS.values()), ids=list(FRAMING_ERRORS))
+@pytest.mark.gen_test
+async def test_nothing_behind_a_framing_error_is_answered(http_server: Any, http_port: int, framing: str) -> None:
+    hidden = raw_head("GET", "/ping", {"Host": f"127.0.0.1:{http_port}"})
+    replies = await pipelined_behind_framing_error(http_port, framing, hidden)
+    assert [r.status for r in replies] == [400], replies
+    assert_error(replies[0], 400, "bad_request")

@@ -26,12 +26,14 @@ from kvtornado.store import SqliteStore
 from tests.conftest import TEST_KEY_ID, TEST_SECRET, write_config
 from tests.e2e.helpers import (
     FORM_CT,
+    FRAMING_ERRORS,
     PROCESS_TIMEOUT_S,
     RawConnection,
     ServerProcess,
     assert_error,
     assert_json,
     chunked,
+    pipelined_behind_framing_error,
     raw_head,
     raw_send,
     send,
@@ -494,6 +496,22 @@ async def test_unusable_body_framing_gets_a_json_400_and_the_connection_closes(
         assert_error(await conn.read_reply(), 400, "bad_request")
         assert await conn.closed_by_server()
     assert await kv.save("after framing", 3) == {"key": "after framing", "saved": True}
+
+
+@pytest.mark.parametrize("framing", list(FRAMING_ERRORS.values()), ids=list(FRAMING_ERRORS))
+@pytest.mark.gen_test
+async def test_a_request_smuggled_behind_a_framing_error_is_never_executed(
+    http_server: Any, http_port: int, kv: AsyncKVClient, signer: Signer, framing: str
+) -> None:
+    await kv.save("victim", "still here")
+    host = f"127.0.0.1:{http_port}"
+    hidden = raw_head("DELETE", "/delete?key=victim", {
+        "Host": host, "Authorization": signer.authorization("DELETE", host, "/delete", "key=victim", b""),
+    })
+    replies = await pipelined_behind_framing_error(http_port, framing, hidden)
+    assert [r.status for r in replies] == [400], replies
+    assert replies[0].header("Connection") == "close"
+    assert await kv.get("victim") == "still here"
 
 
 @pytest.mark.gen_test

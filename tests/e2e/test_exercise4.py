@@ -29,6 +29,7 @@ from tests.e2e.cache_helpers import (
     stored,
     write_lock,
 )
+from tests.e2e.helpers import FRAMING_ERRORS, pipelined_behind_framing_error, raw_head
 
 LONG_INTERVAL_MS = 60_000  # only explicit flushes and durable writes reach sqlite during a test
 gen_test = pytest.mark.gen_test(timeout=30)
@@ -250,3 +251,19 @@ async def test_a_failed_flush_is_retried_after_the_backoff_not_the_next_interval
     messages = [r.getMessage() for r in caplog.records if r.name == "kvtornado.cache"]
     assert any(m.startswith("flush failed") for m in messages), messages
     assert any(m.startswith("flush recovered after 1 failed attempts") for m in messages), messages
+
+
+@pytest.mark.parametrize("framing", list(FRAMING_ERRORS.values()), ids=list(FRAMING_ERRORS))
+@gen_test
+async def test_a_delete_smuggled_behind_a_framing_error_is_never_applied(
+    http_server: Any, http_port: int, kv: AsyncKVClient, signer: Signer, framing: str
+) -> None:
+    assert_ok(await save(kv, "victim", 1))
+    host = f"127.0.0.1:{http_port}"
+    hidden = raw_head("DELETE", "/delete?key=victim", {
+        "Host": host, "Authorization": signer.authorization("DELETE", host, "/delete", "key=victim", b""),
+    })
+    replies = await pipelined_behind_framing_error(http_port, framing, hidden)
+    assert [r.status for r in replies] == [400], replies
+    assert assert_ok(await get(kv, "victim"))["value"] == 1
+    assert (await stats(kv))["cache"]["dirty"] == 1  # only the save: no tombstone was written
