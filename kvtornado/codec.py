@@ -12,7 +12,15 @@ import sys
 from typing import Any
 from urllib.parse import parse_qsl
 
-from kvtornado.errors import InvalidJSON, InvalidKey, MissingKey, MissingValue, TooLarge, UnsupportedMediaType
+from kvtornado.errors import (
+    BadRequest,
+    InvalidJSON,
+    InvalidKey,
+    MissingKey,
+    MissingValue,
+    TooLarge,
+    UnsupportedMediaType,
+)
 
 MAX_JSON_DEPTH = 1000
 # The C JSON decoder and encoder recurse once per nesting level; give them room for 1000 levels
@@ -102,13 +110,30 @@ def encode_value(value: Any, max_value_bytes: int) -> str:
     return text
 
 
+def _unique(pairs: list[tuple[str, str]], where: str) -> dict[str, str]:
+    """The pairs as a dict; a repeated name is 400, so no two readers of a request can disagree on it."""
+    fields: dict[str, str] = {}
+    for name, value in pairs:
+        if name in fields:
+            raise BadRequest(f"The {where} field {name!r} appears more than once.")
+        fields[name] = value
+    return fields
+
+
+def _only(fields: dict[str, Any], allowed: frozenset[str], where: str) -> None:
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        takes = "only " + ", ".join(sorted(allowed)) if allowed else "none"
+        raise BadRequest(f"Unknown {where} field {unknown[0]!r}; this route takes {takes}.")
+
+
 def _form_fields(body: bytes) -> dict[str, str]:
     try:
         text = body.decode("utf-8")
         pairs = parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="strict")
     except (UnicodeDecodeError, ValueError):
         raise InvalidJSON("The form body is not valid percent-encoded UTF-8.") from None
-    return dict(pairs)  # a repeated field: the last one wins
+    return _unique(pairs, "form")
 
 
 def parse_body_fields(content_type: str | None, body: bytes) -> tuple[dict[str, Any], bool]:
@@ -126,9 +151,14 @@ def parse_body_fields(content_type: str | None, body: bytes) -> tuple[dict[str, 
     )
 
 
+SAVE_FIELDS = frozenset({"key", "value"})
+KEY_FIELDS = frozenset({"key"})
+
+
 def parse_save(content_type: str | None, body: bytes, *, max_key_bytes: int, max_value_bytes: int) -> tuple[str, str]:
     """``(key, value_json)`` from a ``/save`` body."""
     fields, _ = parse_body_fields(content_type, body)
+    _only(fields, SAVE_FIELDS, "body")
     if "key" not in fields:
         raise MissingKey("The body has no \"key\".")
     key = check_key(fields["key"], max_key_bytes)
@@ -139,22 +169,29 @@ def parse_save(content_type: str | None, body: bytes, *, max_key_bytes: int, max
 
 def parse_key_body(content_type: str | None, body: bytes, *, max_key_bytes: int) -> str:
     fields, _ = parse_body_fields(content_type, body)
+    _only(fields, KEY_FIELDS, "body")
     if "key" not in fields:
         raise MissingKey("The body has no \"key\".")
     return check_key(fields["key"], max_key_bytes)
 
 
-def query_fields(query: str) -> dict[str, str]:
+def query_fields(query: str, allowed: frozenset[str] | None = None) -> dict[str, str]:
+    """The query's parameters, decoded; a repeated one, or one not in ``allowed`` (when given), is 400."""
     if not query:
         return {}
     if "&" not in query and "%" not in query and "+" not in query:
         # One plain field (the common ?key=abc): nothing to split or decode.
         name, _, value = query.partition("=")
-        return {name: value}
-    try:
-        return dict(parse_qsl(query, keep_blank_values=True, encoding="utf-8", errors="strict"))
-    except (UnicodeDecodeError, ValueError):
-        raise InvalidKey("The query string is not valid percent-encoded UTF-8.") from None
+        fields = {name: value}
+    else:
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True, encoding="utf-8", errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            raise InvalidKey("The query string is not valid percent-encoded UTF-8.") from None
+        fields = _unique(pairs, "query")
+    if allowed is not None:
+        _only(fields, allowed, "query")
+    return fields
 
 
 def key_from_query(fields: dict[str, str], *, max_key_bytes: int) -> str:

@@ -73,6 +73,9 @@ class MethodNotAllowed(KVError):
     code = "method_not_allowed"
     default_message = "This method is not allowed on this path."
 
+    def __init__(self, message: str | None = None, *, allow: list[str]) -> None:
+        super().__init__(message, headers={"Allow": ", ".join(allow)})
+
 
 class TooLarge(KVError):
     status = 413

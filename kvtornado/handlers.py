@@ -83,10 +83,12 @@ class BaseHandler(RequestHandler):
     """Auth, body limits, one JSON error shape. Subclasses define ``do_get``/``do_post``/..."""
 
     auth_required = True
+    query_params: frozenset[str] = frozenset()  # SPEC §5: each route takes only its own query parameters
 
     def initialize(self, svc: Service) -> None:
         self.svc = svc
         self.key_id: str | None = None
+        self.fields: dict[str, str] = {}  # the query's parameters, checked against ``query_params``
         self._chunks: list[bytes] = []
         self._body_bytes = 0
         self._refused = False
@@ -166,7 +168,10 @@ class BaseHandler(RequestHandler):
                 self.key_id = self._authenticate()
             impl: Callable[[], Awaitable[None]] | None = getattr(self, "do_" + self.request.method.lower(), None)
             if impl is None:
-                raise MethodNotAllowed(f"{self.request.method} is not allowed on {self.request.path}.")
+                raise MethodNotAllowed(f"{self.request.method} is not allowed on {self.request.path}.",
+                                       allow=self.allowed_methods())
+            self._check_conditions()
+            self.fields = codec.query_fields(self.request.query, self.query_params)
             await impl()
         except StorageError as exc:
             log.warning("storage error on %s %s: %s", self.request.method, self.request.path, exc)
@@ -175,6 +180,18 @@ class BaseHandler(RequestHandler):
             self._fail(exc)
 
     get = post = put = delete = patch = options = head = _dispatch
+
+    def allowed_methods(self) -> list[str]:
+        """The methods this route serves (its ``do_<method>``s), for the 405's ``Allow`` header."""
+        return [m for m in self.SUPPORTED_METHODS if callable(getattr(self, "do_" + m.lower(), None))]
+
+    def _check_conditions(self) -> None:
+        # The signature covers the query, not the headers: a condition header could be stripped in transit and
+        # the write applied unconditionally, so conditions are only ever taken from the signed query.
+        for name in ("If-Match", "If-None-Match"):
+            if name in self.request.headers:
+                raise BadRequest(f"{name} is not supported: the signature does not cover headers; "
+                                 "put the condition in the query as ?if_version=N.")
 
     def _authenticate(self) -> str:
         assert self.svc.authenticator is not None
@@ -217,6 +234,8 @@ class BaseHandler(RequestHandler):
                 self.set_header(name, value)
         elif isinstance(exc, HTTPError) and status_code in _STATUS_CODES:
             code = _STATUS_CODES[status_code]
+            if status_code == 405:
+                self.set_header("Allow", ", ".join(self.allowed_methods()))
             message = {405: "This method is not allowed on this path."}.get(
                 status_code, "The request was refused: " + (self._reason or "error").lower() + "."
             )
@@ -235,11 +254,8 @@ class BaseHandler(RequestHandler):
         assert self.svc.kv is not None
         return self.svc.kv
 
-    def query(self) -> dict[str, str]:
-        return codec.query_fields(self.request.query)
-
-    def durable(self, fields: dict[str, str]) -> bool:
-        flag = fields.get("durable")
+    def durable(self) -> bool:
+        flag = self.fields.get("durable")
         if flag is None or flag in ("0", "false", ""):
             return False
         if flag in ("1", "true"):
@@ -253,6 +269,8 @@ class PingHandler(BaseHandler):
 
     async def do_get(self) -> None:
         self.send_json(self._PONG)
+
+    do_head = do_get  # Tornado sends the headers of a HEAD answer and never its body
 
 
 class NotFoundHandler(BaseHandler):
@@ -272,9 +290,11 @@ class AuthorizeHandler(BaseHandler):
 
 
 class SaveHandler(BaseHandler):
+    query_params = frozenset({"durable"})
+
     async def do_post(self) -> None:
         limits = self.svc.config.limits
-        durable = self.durable(self.query())
+        durable = self.durable()
         key, value = codec.parse_save(
             self.request.headers.get("Content-Type"), self.body,
             max_key_bytes=limits.max_key_bytes, max_value_bytes=limits.max_value_bytes,
@@ -284,8 +304,10 @@ class SaveHandler(BaseHandler):
 
 
 class GetHandler(BaseHandler):
+    query_params = frozenset({"key"})
+
     async def do_get(self) -> None:
-        key = codec.key_from_query(self.query(), max_key_bytes=self.svc.config.limits.max_key_bytes)
+        key = codec.key_from_query(self.fields, max_key_bytes=self.svc.config.limits.max_key_bytes)
         value = await self.kv.get(key)
         if value is None:
             raise NotFound("No such key.")
@@ -294,26 +316,29 @@ class GetHandler(BaseHandler):
 
 
 class DeleteHandler(BaseHandler):
+    query_params = frozenset({"key", "durable"})
+
     async def _remove(self, key: str, durable: bool) -> None:
         if not await self.kv.delete(key, durable=durable):
             raise NotFound("No such key.")
         self.send_json(json_bytes({"key": key, "deleted": True}))
 
     async def do_delete(self) -> None:
-        fields = self.query()
-        key = codec.key_from_query(fields, max_key_bytes=self.svc.config.limits.max_key_bytes)
-        await self._remove(key, self.durable(fields))
+        key = codec.key_from_query(self.fields, max_key_bytes=self.svc.config.limits.max_key_bytes)
+        await self._remove(key, self.durable())
 
     async def do_post(self) -> None:
-        fields = self.query()
+        fields = self.fields
         max_key = self.svc.config.limits.max_key_bytes
         if not self.body and "key" not in fields:
             raise MissingKey("Send the key as {\"key\": ...} in the body or as ?key=...")
         if self.body:
+            if "key" in fields:
+                raise BadRequest("Name the key once: in the body or in the query, not both.")
             key = codec.parse_key_body(self.request.headers.get("Content-Type"), self.body, max_key_bytes=max_key)
         else:
             key = codec.key_from_query(fields, max_key_bytes=max_key)
-        await self._remove(key, self.durable(fields))
+        await self._remove(key, self.durable())
 
 
 class FlushHandler(BaseHandler):

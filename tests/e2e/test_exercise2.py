@@ -35,10 +35,13 @@ async def test_signed_authorize_is_200(http_client: Any, base_url: str, signer: 
 
 
 @pytest.mark.gen_test
-async def test_signed_authorize_with_a_query_and_the_project_client(http_client: Any, base_url: str,
-                                                                   signer: Signer) -> None:
+async def test_signed_authorize_refuses_a_query_and_takes_the_project_client(http_client: Any, base_url: str,
+                                                                            signer: Signer) -> None:
+    # /authorize takes no query parameters (SPEC §5): a signed one is still 400, after the signature check.
     resp = await send(http_client, base_url, "GET", "/authorize", query="a=1&b=%20x%2F&c", signer=signer)
-    assert assert_json(resp, 200) == {"authorized": True, "key_id": TEST_KEY_ID}
+    assert_error(resp, 400, "bad_request")
+    resp = await send(http_client, base_url, "GET", "/authorize", query="a=1", signer=None)
+    assert_error(resp, 401, "missing_auth")
     assert await AsyncKVClient(base_url, signer).authorize() == {"authorized": True, "key_id": TEST_KEY_ID}
 
 

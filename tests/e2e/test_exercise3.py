@@ -221,15 +221,17 @@ async def test_sql_injection_key_leaves_the_table_alone(kv: AsyncKVClient, confi
 
 
 @pytest.mark.gen_test
-async def test_query_plus_means_space_and_other_params_are_ignored(
+async def test_query_plus_means_space_and_other_params_are_refused(
     http_client: Any, base_url: str, signer: Signer, kv: AsyncKVClient
 ) -> None:
     await kv.save("a b", "spaced")
     await kv.save("a+b", "plussed")
     resp = await send(http_client, base_url, "GET", "/get", query="key=a+b", signer=signer)
     assert assert_json(resp, 200) == {"key": "a b", "value": "spaced"}
-    resp = await send(http_client, base_url, "GET", "/get", query="key=a%2Bb&other=1", signer=signer)
+    resp = await send(http_client, base_url, "GET", "/get", query="key=a%2Bb", signer=signer)
     assert assert_json(resp, 200) == {"key": "a+b", "value": "plussed"}
+    resp = await send(http_client, base_url, "GET", "/get", query="key=a%2Bb&other=1", signer=signer)
+    assert_error(resp, 400, "bad_request")
 
 
 @pytest.mark.parametrize(
@@ -316,8 +318,8 @@ async def test_concurrent_requests_all_land(kv: AsyncKVClient, config: Config) -
 @pytest.mark.gen_test
 async def test_bodies_up_to_the_limit_are_read(http_client: Any, base_url: str, signer: Signer,
                                               kv: AsyncKVClient) -> None:
-    head = b'{"key":"edge","value":1,"pad":"'
-    body = head + b"x" * (MAX_BODY - len(head) - 2) + b'"}'
+    head = b'{"key":"edge","value":1'
+    body = head + b" " * (MAX_BODY - len(head) - 1) + b"}"  # white space is not part of the value
     assert len(body) == MAX_BODY
     resp = await send(http_client, base_url, "POST", "/save", body=body, content_type=JSON_T, signer=signer)
     assert assert_json(resp, 200) == {"key": "edge", "saved": True}
@@ -355,6 +357,7 @@ class Bad:
     body: bytes = b""
     content_type: str | None = JSON_T
     signed: bool = True
+    headers: dict[str, str] | None = None
 
 
 ERRORS: dict[str, Bad] = {
@@ -416,7 +419,7 @@ ERRORS: dict[str, Bad] = {
     "POST delete of an absent key": Bad(404, "not_found", path="/delete", body=b'{"key":"absent"}'),
     "unknown route signed": Bad(404, "not_found", method="GET", path="/keys", content_type=None),
     "missing key param on /get": Bad(400, "missing_key", method="GET", path="/get", content_type=None),
-    "other params but no key on /get": Bad(400, "missing_key", method="GET", path="/get", query="k=1&Key=2",
+    "other params but no key on /get": Bad(400, "bad_request", method="GET", path="/get", query="k=1&Key=2",
                                            content_type=None),
     "empty key param on /get": Bad(400, "invalid_key", method="GET", path="/get", query="key=", content_type=None),
     "key param not UTF-8": Bad(400, "invalid_key", method="GET", path="/get", query="key=%ff", content_type=None),
@@ -428,6 +431,20 @@ ERRORS: dict[str, Bad] = {
     "POST /delete with no body and no query": Bad(400, "missing_key", path="/delete"),
     "POST /delete with a bad body": Bad(400, "invalid_json", path="/delete", body=b"{"),
     "POST /delete with a numeric key": Bad(400, "invalid_key", path="/delete", body=b'{"key":7}'),
+    "repeated key on /get": Bad(400, "bad_request", method="GET", path="/get", query="key=a&key=b",
+                                content_type=None),
+    "repeated durable on /save": Bad(400, "bad_request", query="durable=0&durable=1", body=b'{"key":"k","value":1}'),
+    "unknown query parameter on /save": Bad(400, "bad_request", query="ttl=5", body=b'{"key":"k","value":1}'),
+    "if_version before versions exist": Bad(400, "bad_request", query="if_version=0",
+                                            body=b'{"key":"k","value":1}'),
+    "unknown body field on /save": Bad(400, "bad_request", body=b'{"key":"k","value":1,"ttl":5}'),
+    "repeated form field on /save": Bad(400, "bad_request", body=b"key=k&value=1&value=2", content_type=FORM_CT),
+    "key in both the body and the query of POST /delete": Bad(400, "bad_request", path="/delete", query="key=k",
+                                                              body=b'{"key":"k"}'),
+    "If-Match on /save": Bad(400, "bad_request", body=b'{"key":"k","value":1}', headers={"If-Match": '"3"'}),
+    "If-None-Match on /save": Bad(400, "bad_request", body=b'{"key":"k","value":1}', headers={"If-None-Match": "*"}),
+    "If-Match on DELETE /delete": Bad(400, "bad_request", method="DELETE", path="/delete", query="key=k",
+                                      content_type=None, headers={"If-Match": "*"}),
     "POST /delete as text/plain": Bad(415, "unsupported_media_type", path="/delete", body=b'{"key":"k"}',
                                       content_type="text/plain"),
 }
@@ -439,10 +456,25 @@ async def test_every_error_has_its_status_and_code(
     http_server: Any, http_port: int, signer: Signer, config: Config, bad: Bad
 ) -> None:
     resp = await raw_send(http_port, bad.method, bad.path, query=bad.query, body=bad.body,
-                          content_type=bad.content_type, signer=signer if bad.signed else None)
+                          content_type=bad.content_type, signer=signer if bad.signed else None, headers=bad.headers)
     assert_error(resp, bad.status, bad.code)
+    if bad.status == 405:
+        assert resp.header("Allow") == {"/save": "POST", "/get": "GET", "/delete": "POST, DELETE"}[bad.path]
     # Nothing was written by a refused request.
     assert committed(config, "k") is None
+
+
+@pytest.mark.parametrize("query", ["key=zz&key=p1", "key=p1&key=zz", "key=zz&k%65y=p1", "key=p1&durable=1&key=p1"])
+@pytest.mark.gen_test
+async def test_a_repeated_key_parameter_deletes_nothing(
+    http_client: Any, base_url: str, signer: Signer, kv: AsyncKVClient, query: str
+) -> None:
+    await kv.save("p1", "kept")
+    await kv.save("zz", "kept too")
+    resp = await send(http_client, base_url, "DELETE", "/delete", query=query, signer=signer)
+    assert_error(resp, 400, "bad_request")
+    assert await kv.get("p1") == "kept"
+    assert await kv.get("zz") == "kept too"
 
 
 @pytest.mark.gen_test

@@ -56,7 +56,7 @@ LABELS = [f"{method.upper()} {path}" for path, item in DOC["paths"].items() for 
 
 
 def _is_protected(label: str) -> bool:
-    return label != "GET /ping"
+    return label not in ("GET /ping", "HEAD /ping")
 
 
 def _signed_runs() -> list[tuple[str, GenerationMode]]:
@@ -207,10 +207,10 @@ def test_unsigned_requests_are_401_missing_auth(
 # (label, query, body, signer, headers set after signing, status, error code or None)
 _GOOD = Signer(TEST_KEY_ID, TEST_SECRET)
 EDGE_CASES = {
-    # no-store data has no ETag: a conditional GET still gets its 200 and body
-    "conditional GET /ping": ("GET /ping", None, None, None, {"If-None-Match": "*"}, 200, None),
-    "conditional GET /authorize": ("GET /authorize", None, None, _GOOD, {"If-None-Match": "*"}, 200, None),
-    "conditional GET /stats": ("GET /stats", None, None, _GOOD, {"If-None-Match": "*"}, 200, None),
+    # condition headers are not signed, so they are refused rather than ignored (SPEC §5)
+    "conditional GET /ping": ("GET /ping", None, None, None, {"If-None-Match": "*"}, 400, "bad_request"),
+    "conditional GET /authorize": ("GET /authorize", None, None, _GOOD, {"If-None-Match": "*"}, 400, "bad_request"),
+    "If-Match on GET /stats": ("GET /stats", None, None, _GOOD, {"If-Match": '"1"'}, 400, "bad_request"),
     "stale timestamp": ("GET /authorize", None, None, Signer(TEST_KEY_ID, TEST_SECRET, clock=lambda: 1_000_000_000),
                         None, 401, "stale_timestamp"),
     "bad signature": ("POST /flush", None, None, Signer(TEST_KEY_ID, b"b" * 64), None, 401, "bad_signature"),
@@ -328,7 +328,7 @@ def test_the_run_reached_the_store_and_left_the_server_healthy(
 
 def test_the_schema_documents_every_operation_of_spec_section_5() -> None:
     expected = {
-        "GET /ping", "GET /authorize", "POST /authorize", "POST /save", "GET /get", "DELETE /delete",
+        "GET /ping", "HEAD /ping", "GET /authorize", "POST /authorize", "POST /save", "GET /get", "DELETE /delete",
         "POST /delete", "POST /flush", "GET /stats",
     }
     assert set(LABELS) == expected

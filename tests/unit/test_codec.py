@@ -20,6 +20,7 @@ from kvtornado.codec import (
     query_fields,
 )
 from kvtornado.errors import (
+    BadRequest,
     InvalidJSON,
     InvalidKey,
     KVError,
@@ -224,14 +225,12 @@ def test_encode_value_round_trips_depth_1000() -> None:
     [
         pytest.param(JSON, b'{"key":"k","value":{"a":[1,"\xc3\xa9"]}}', ("k", '{"a":[1,"é"]}'), id="json-object"),
         pytest.param(JSON, b'{"key":"k","value":null}', ("k", "null"), id="json-null-is-a-value"),
-        pytest.param(JSON, b'{"value":"v","key":"k","extra":1}', ("k", '"v"'), id="json-extra-field"),
         pytest.param("application/json; charset=UTF-8", b'{"key":"k","value":1}', ("k", "1"), id="json-charset"),
         pytest.param("Application/JSON", b'{"key":"k","value":1}', ("k", "1"), id="json-case"),
         pytest.param(FORM, b"key=k&value=1", ("k", '"1"'), id="form-value-is-a-string"),
         pytest.param(FORM, b"value=%7B%7D&key=a+b%2Fc", ("a b/c", '"{}"'), id="form-percent-and-plus"),
         pytest.param(FORM, b"key=%E2%82%AC&value=", ("€", '""'), id="form-utf8-blank-value"),
         pytest.param(FORM + "; charset=utf-8", b"key=k&value=v", ("k", '"v"'), id="form-charset"),
-        pytest.param(FORM, b"key=k&value=a&value=b", ("k", '"b"'), id="form-last-field-wins"),
     ],
 )
 def test_parse_save(content_type: str, body: bytes, expected: tuple[str, str]) -> None:
@@ -299,7 +298,36 @@ def test_parse_key_body(content_type: str, body: bytes, expected: str) -> None:
 
 def test_parse_key_body_refuses_a_missing_key() -> None:
     with pytest.raises(MissingKey):
-        parse_key_body(JSON, b'{"value":1}', max_key_bytes=16)
+        parse_key_body(JSON, b'{}', max_key_bytes=16)
+
+
+@pytest.mark.parametrize(("content_type", "body"), [
+    pytest.param(JSON, b'{"value":"v","key":"k","extra":1}', id="json-extra-field"),
+    pytest.param(JSON, b'{"key":"k","value":1,"ttl":5}', id="json-ttl-in-the-body"),
+    pytest.param(FORM, b"key=k&value=a&value=b", id="form-repeated-field"),
+    pytest.param(FORM, b"key=k&value=a&durable=1", id="form-unknown-field"),
+])
+def test_parse_save_refuses_unknown_and_repeated_fields(content_type: str, body: bytes) -> None:
+    with pytest.raises(BadRequest):
+        parse_save(content_type, body, **LIMITS)
+
+
+@pytest.mark.parametrize("body", [b'{"key":"k","value":1}', b'{"key":"k","durable":1}'])
+def test_parse_key_body_takes_the_key_alone(body: bytes) -> None:
+    with pytest.raises(BadRequest):
+        parse_key_body(JSON, body, max_key_bytes=16)
+
+
+@pytest.mark.parametrize(("query", "allowed"), [
+    pytest.param("key=a&key=b", {"key"}, id="repeated"),
+    pytest.param("key=a&durable=1&key=p1", {"key", "durable"}, id="repeated-apart"),
+    pytest.param("key=a&k%65y=b", {"key"}, id="repeated-after-percent-decoding"),
+    pytest.param("key=a&x=1", {"key"}, id="unknown"),
+    pytest.param("x", set(), id="unknown-without-value"),
+])
+def test_query_fields_refuse_repeated_and_unknown_parameters(query: str, allowed: set[str]) -> None:
+    with pytest.raises(BadRequest):
+        query_fields(query, frozenset(allowed))
 
 
 # --- query strings -------------------------------------------------------------------------------
