@@ -17,6 +17,7 @@ import yaml
 from kvtornado.errors import ConfigError
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL")
+WRITES_WHILE_FAILING = ("refuse", "accept")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8888
     max_body_bytes: int = 2 * 1024 * 1024
+    idle_timeout_s: int = 120  # an idle keep-alive connection, or one still sending its headers, is closed
+    body_timeout_s: int = 60  # a body that takes longer than this to arrive is dropped
+    max_connections: int = 10_000  # past this, a new connection gets 503 overloaded and is closed
 
 
 @dataclass(frozen=True)
@@ -43,9 +47,12 @@ class StorageConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     max_entries: int = 100_000
+    max_bytes: int = 256 * 1024 * 1024  # clean key+value bytes kept (LRU)
     flush_interval_ms: int = 100
     flush_batch_size: int = 5000
     max_dirty: int = 100_000
+    max_dirty_bytes: int = 256 * 1024 * 1024  # pending key+value bytes, the batch in flight included
+    writes_while_failing: str = "refuse"  # G9: refuse | accept
     durable_timeout_ms: int = 5000
     shutdown_timeout_s: int = 30
 
@@ -112,9 +119,14 @@ class _Checker:
 _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "server.port": (0, 65535),
     "server.max_body_bytes": (1, None),
+    "server.idle_timeout_s": (1, None),
+    "server.body_timeout_s": (1, None),
+    "server.max_connections": (1, None),
     "auth.max_skew_s": (1, None),
     "auth.max_nonces": (1, None),
     "cache.max_entries": (1, None),
+    "cache.max_bytes": (1, None),
+    "cache.max_dirty_bytes": (1, None),
     "cache.flush_interval_ms": (1, None),
     "cache.flush_batch_size": (1, None),
     "cache.max_dirty": (1, None),
@@ -138,6 +150,10 @@ def _check_value(name: str, value: Any, c: _Checker) -> Any:
         if not isinstance(value, str) or value.upper() not in SYNCHRONOUS_MODES:
             raise c.fail(name, "one of " + " | ".join(SYNCHRONOUS_MODES), value)
         return value.upper()
+    if name == "cache.writes_while_failing":
+        if value not in WRITES_WHILE_FAILING:
+            raise c.fail(name, "one of " + " | ".join(WRITES_WHILE_FAILING), value)
+        return value
     if name == "auth.public_host":
         if value is None:
             return None

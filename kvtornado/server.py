@@ -7,20 +7,25 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from tornado import gen
 from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream, StreamClosedError
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 from kvtornado.app import make_app
 from kvtornado.auth import Authenticator, load_keys
 from kvtornado.cache import WriteBehindCache
-from kvtornado.config import Config, load_config
+from kvtornado.config import Config, ServerConfig, load_config
 from kvtornado.errors import ConfigError, StorageError
-from kvtornado.handlers import KeyValue, Service
+from kvtornado.handlers import JSON_CONTENT_TYPE, KeyValue, Service, json_bytes
 from kvtornado.store import SqliteStore
 
 log = logging.getLogger("kvtornado.server")
@@ -28,9 +33,10 @@ log = logging.getLogger("kvtornado.server")
 # Tornado refuses a body past its own limit with a bare 400; ours answers 413 in JSON first and then
 # closes the connection, so Tornado's limit must never be the one that triggers.
 _TORNADO_MAX_BODY = 1 << 62
-IDLE_CONNECTION_TIMEOUT_S = 120.0
-BODY_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 5.0
+# A connection refused past server.max_connections: its request is read and dropped for at most this long
+# after the 503, so closing it does not reset the connection before the client has read the answer.
+REFUSED_LINGER_S = 2.0
 EXIT_UNFLUSHED = 1  # G7: a stop that could not flush everything in time
 # The sqlite writer thread does Python work too (binding rows, planning a flush). With CPython's default
 # 5 ms switch interval the event loop can wait that long for the GIL on every wake-up during a flush;
@@ -38,11 +44,58 @@ EXIT_UNFLUSHED = 1  # G7: a stop that could not flush everything in time
 GIL_SWITCH_INTERVAL_S = 0.001
 
 
-def build_http_server(app: Application) -> HTTPServer:
-    """The HTTP server every exercise (and the test suite) uses, with our body and idle limits."""
-    return HTTPServer(
-        app, max_body_size=_TORNADO_MAX_BODY, idle_connection_timeout=IDLE_CONNECTION_TIMEOUT_S,
-        body_timeout=BODY_TIMEOUT_S,
+def _overloaded_answer() -> bytes:
+    body = json_bytes({"error": "overloaded", "message": "The server has too many open connections; retry shortly."})
+    head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: " + JSON_CONTENT_TYPE + "\r\n"
+            "Cache-Control: no-store\r\nRetry-After: 1\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+class KVHTTPServer(HTTPServer):
+    """Tornado's HTTP server with a cap on open connections (``server.max_connections``)."""
+
+    _OVERLOADED = _overloaded_answer()
+
+    def initialize(self, *args: Any, max_connections: int, **kwargs: Any) -> None:  # type: ignore[override]
+        super().initialize(*args, **kwargs)
+        self.max_connections = max_connections
+        self.open_connections = 0
+        self.refused_connections = 0
+
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
+        if self.open_connections >= self.max_connections:
+            self.refused_connections += 1
+            IOLoop.current().spawn_callback(self._refuse, stream)
+            return
+        self.open_connections += 1
+        super().handle_stream(stream, address)
+
+    def on_close(self, server_conn: object) -> None:
+        self.open_connections -= 1
+        super().on_close(server_conn)
+
+    async def _refuse(self, stream: IOStream) -> None:
+        """Answer 503 without parsing anything, stop sending, and drop what the client sends for a moment."""
+        try:
+            await stream.write(self._OVERLOADED)
+            stream.socket.shutdown(socket.SHUT_WR)
+            deadline = IOLoop.current().time() + REFUSED_LINGER_S
+            while True:
+                await gen.with_timeout(deadline, stream.read_bytes(65536, partial=True),
+                                       quiet_exceptions=StreamClosedError)
+        except (StreamClosedError, OSError, TimeoutError):
+            pass
+        finally:
+            stream.close()
+
+
+def build_http_server(app: Application, server: ServerConfig | None = None) -> KVHTTPServer:
+    """The HTTP server every exercise (and the test suite) uses, with our body, time and connection limits."""
+    server = server or ServerConfig()
+    return KVHTTPServer(
+        app, max_body_size=_TORNADO_MAX_BODY, idle_connection_timeout=float(server.idle_timeout_s),
+        body_timeout=float(server.body_timeout_s), max_connections=server.max_connections,
     )
 
 
@@ -133,7 +186,7 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
     try:
         app = make_app(cfg, authenticator=authenticator, kv=kv, admin=exercise >= 4)
         svc: Service = app.settings["kv_service"]
-        server = build_http_server(app)
+        server = build_http_server(app, cfg.server)
         sockets = bind_sockets(cfg.server.port, cfg.server.host)
         server.add_sockets(sockets)
     except BaseException:

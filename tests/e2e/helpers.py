@@ -23,6 +23,7 @@ from tornado.testing import bind_unused_port
 from tornado.web import Application
 
 from kvtornado.client import Signer
+from kvtornado.config import ServerConfig
 from kvtornado.server import build_http_server
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -53,10 +54,10 @@ class Reply:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Application) -> AsyncIterator[str]:
+async def serving(app: Application, server_config: ServerConfig | None = None) -> AsyncIterator[str]:
     """A second server in the test's own loop, built like production; yields its base URL."""
     sock, port = bind_unused_port()
-    server = build_http_server(app)
+    server = build_http_server(app, server_config)
     server.add_socket(sock)
     try:
         yield f"http://127.0.0.1:{port}"

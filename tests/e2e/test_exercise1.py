@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from tornado.web import Application
 
 from kvtornado.app import make_app
-from kvtornado.config import Config
+from kvtornado.config import Config, ServerConfig
 from tests.e2e.helpers import (
     FRAMING_ERRORS,
     RawConnection,
@@ -19,6 +20,7 @@ from tests.e2e.helpers import (
     pipelined_behind_framing_error,
     raw_head,
     send,
+    serving,
 )
 
 
@@ -103,3 +105,56 @@ async def test_nothing_behind_a_framing_error_is_answered(http_server: Any, http
     replies = await pipelined_behind_framing_error(http_port, framing, hidden)
     assert [r.status for r in replies] == [400], replies
     assert_error(replies[0], 400, "bad_request")
+
+
+async def _ping_on(conn: RawConnection, port: int) -> None:
+    await conn.send(raw_head("GET", "/ping", {"Host": f"127.0.0.1:{port}"}))
+    assert assert_json(await conn.read_reply(), 200) == {"ping": "pong"}
+
+
+@pytest.mark.gen_test
+async def test_past_max_connections_a_new_connection_gets_503_and_is_closed(config: Config) -> None:
+    async with serving(make_app(config), ServerConfig(max_connections=2)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        async with RawConnection(port) as first, RawConnection(port) as second:
+            await _ping_on(first, port)
+            await _ping_on(second, port)
+            async with RawConnection(port) as third:
+                await third.send(raw_head("GET", "/ping", {"Host": f"127.0.0.1:{port}"}))
+                resp = await third.read_reply()
+                assert_error(resp, 503, "overloaded")
+                assert resp.header("Retry-After") == "1"
+                assert resp.header("Connection") == "close"
+                assert await third.closed_by_server()
+            await _ping_on(first, port)  # the connections under the cap are untouched
+        # Both closed: their slots are free again once the server has seen them go.
+        deadline = asyncio.get_running_loop().time() + 4
+        while True:
+            async with RawConnection(port) as conn:
+                await conn.send(raw_head("GET", "/ping", {"Host": f"127.0.0.1:{port}"}))
+                if (await conn.read_reply()).status == 200:
+                    break
+            assert asyncio.get_running_loop().time() < deadline, "the closed connections were never released"
+
+
+@pytest.mark.gen_test
+async def test_an_idle_connection_is_closed_after_idle_timeout_s(config: Config) -> None:
+    async with serving(make_app(config), ServerConfig(idle_timeout_s=1)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        async with RawConnection(port) as silent:  # never sends a byte
+            assert await silent.closed_by_server()
+        async with RawConnection(port) as kept_alive:  # idle after one answer
+            await _ping_on(kept_alive, port)
+            assert await kept_alive.closed_by_server()
+        async with RawConnection(port) as slow_headers:  # headers that never end
+            await slow_headers.send(b"GET /ping HTTP/1.1\r\nHost: x\r\n")
+            assert await slow_headers.closed_by_server()
+
+
+@pytest.mark.gen_test
+async def test_a_body_slower_than_body_timeout_s_is_dropped(config: Config) -> None:
+    async with serving(make_app(config), ServerConfig(body_timeout_s=1, idle_timeout_s=60)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        async with RawConnection(port) as conn:
+            await conn.send(raw_head("POST", "/ping", {"Host": f"127.0.0.1:{port}", "Content-Length": "10"}), b"abc")
+            assert await conn.closed_by_server()

@@ -50,10 +50,13 @@ def test_empty_file_gives_every_default(tmp_path: Path, text: str) -> None:
     cfg = load_config(path)
 
     assert cfg.server == ServerConfig()
-    assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8888 and cfg.server.max_body_bytes == 2097152
+    assert cfg.server == ServerConfig(
+        host="127.0.0.1", port=8888, max_body_bytes=2097152, idle_timeout_s=120, body_timeout_s=60,
+        max_connections=10000,
+    )
     assert cfg.cache == CacheConfig(
-        max_entries=100000, flush_interval_ms=100, flush_batch_size=5000, max_dirty=100000,
-        durable_timeout_ms=5000, shutdown_timeout_s=30,
+        max_entries=100000, max_bytes=268435456, flush_interval_ms=100, flush_batch_size=5000, max_dirty=100000,
+        max_dirty_bytes=268435456, writes_while_failing="refuse", durable_timeout_ms=5000, shutdown_timeout_s=30,
     )
     assert cfg.limits == LimitsConfig(max_key_bytes=512, max_value_bytes=1048576)
     assert cfg.auth == AuthConfig(
@@ -86,6 +89,9 @@ server:
   host: 0.0.0.0
   port: 0
   max_body_bytes: 4096
+  idle_timeout_s: 5
+  body_timeout_s: 6
+  max_connections: 7
 auth:
   secret_file: {keys}
   max_skew_s: 60
@@ -96,9 +102,12 @@ storage:
   synchronous: normal
 cache:
   max_entries: 7
+  max_bytes: 1000
   flush_interval_ms: 1
   flush_batch_size: 3
   max_dirty: 9
+  max_dirty_bytes: 2000
+  writes_while_failing: accept
   durable_timeout_ms: 250
   shutdown_timeout_s: 2
 limits:
@@ -110,12 +119,13 @@ limits:
     cfg = load_config(path)
 
     assert cfg == Config(
-        server=ServerConfig(host="0.0.0.0", port=0, max_body_bytes=4096),  # noqa: S104
+        server=ServerConfig(host="0.0.0.0", port=0, max_body_bytes=4096,  # noqa: S104
+                            idle_timeout_s=5, body_timeout_s=6, max_connections=7),
         auth=AuthConfig(secret_file=keys, max_skew_s=60, max_nonces=10, public_host="kv.example.com:443"),
         storage=StorageConfig(path=tmp_path.resolve() / "db" / "kv.db", synchronous="NORMAL"),
         cache=CacheConfig(
-            max_entries=7, flush_interval_ms=1, flush_batch_size=3, max_dirty=9, durable_timeout_ms=250,
-            shutdown_timeout_s=2,
+            max_entries=7, max_bytes=1000, flush_interval_ms=1, flush_batch_size=3, max_dirty=9,
+            max_dirty_bytes=2000, writes_while_failing="accept", durable_timeout_ms=250, shutdown_timeout_s=2,
         ),
         limits=LimitsConfig(max_key_bytes=16, max_value_bytes=1024),
         source=path.resolve(),
@@ -173,10 +183,25 @@ def test_public_host_null_is_accepted(tmp_path: Path) -> None:
         ),
         pytest.param(
             "cache:\n  flush_interval: 5\n",
-            'config.yaml: unknown key "cache.flush_interval"; expected one of cache.max_entries, '
-            "cache.flush_interval_ms, cache.flush_batch_size, cache.max_dirty, cache.durable_timeout_ms, "
-            "cache.shutdown_timeout_s",
+            'config.yaml: unknown key "cache.flush_interval"; expected one of cache.max_entries, cache.max_bytes, '
+            "cache.flush_interval_ms, cache.flush_batch_size, cache.max_dirty, cache.max_dirty_bytes, "
+            "cache.writes_while_failing, cache.durable_timeout_ms, cache.shutdown_timeout_s",
             id="unknown-nested-key",
+        ),
+        pytest.param(
+            "cache:\n  writes_while_failing: ignore\n",
+            'config.yaml: cache.writes_while_failing must be one of refuse | accept, got "ignore"',
+            id="bad-writes-while-failing",
+        ),
+        pytest.param(
+            "server:\n  max_connections: 0\n",
+            "config.yaml: server.max_connections must be an integer >= 1, got 0",
+            id="zero-max-connections",
+        ),
+        pytest.param(
+            "cache:\n  max_dirty_bytes: -1\n",
+            "config.yaml: cache.max_dirty_bytes must be an integer >= 1, got -1",
+            id="negative-max-dirty-bytes",
         ),
         pytest.param(
             "server:\n  port: true\n",
