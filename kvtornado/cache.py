@@ -13,7 +13,10 @@ a read in flight for it, so a read that returns after a newer write never overwr
 Flushes run one at a time: every ``flush_interval_ms`` from a ``PeriodicCallback``, at once when
 ``flush_batch_size`` new keys are dirty, and at once for ``flush()`` or a durable write. A flush takes what
 is dirty at its start and commits it in transactions of at most ``flush_batch_size`` rows on the store's
-writer thread. A failed flush keeps everything and retries with exponential backoff (G4).
+writer thread. A failed flush keeps everything and retries with exponential backoff (G4); until a flush
+succeeds again, non-durable writes are refused (G9, ``writes_while_failing: refuse``). Memory is bounded
+by count and by key+value bytes, pending (``max_dirty``, ``max_dirty_bytes``) and clean (``max_entries``,
+``max_bytes``) alike (G5).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from tornado.ioloop import PeriodicCallback
 
@@ -36,6 +39,13 @@ from kvtornado.store import Row, SqliteStore
 log = logging.getLogger("kvtornado.cache")
 
 _ABSENT = object()  # "no pending write" (None is a pending delete)
+
+
+def nbytes(text: str | None) -> int:
+    """UTF-8 size of a key or a value's JSON text (0 for a tombstone); ASCII, the common case, is not encoded."""
+    if text is None:
+        return 0
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 MAX_BACKOFF_MS = 5000
 
@@ -75,7 +85,7 @@ class CacheStats:
 
 
 class WriteBehindCache:
-    """In-memory read path and write-behind batching over a ``SqliteStore`` (SPEC §7, G1-G8)."""
+    """In-memory read path and write-behind batching over a ``SqliteStore`` (SPEC §7, G1-G9)."""
 
     def __init__(
         self,
@@ -91,6 +101,9 @@ class WriteBehindCache:
         self._flight: dict[str, str | None] = {}
         self._overlap = 0  # keys in both _dirty and _flight: counted once as dirty
         self._clean: OrderedDict[str, str] = OrderedDict()
+        # Key+value bytes held (G5): every entry of _dirty and of _flight (a key in both is held twice), and _clean.
+        self._dirty_bytes = 0
+        self._clean_bytes = 0
         self._loading: dict[str, _Load] = {}
         self._new_dirty = 0  # keys that became dirty since the last flush started
         self._flushes_started = 0
@@ -173,7 +186,7 @@ class WriteBehindCache:
         return await self._load(key)
 
     async def put(self, key: str, value: str, *, durable: bool = False) -> None:
-        self._write(key, value)
+        self._write(key, value, durable=durable)
         if durable:
             await self._await_commit(durable=True)
 
@@ -181,7 +194,7 @@ class WriteBehindCache:
         """Tombstone ``key``; False (and nothing written) when it does not exist."""
         if not await self._exists(key):
             return False
-        self._write(key, None)
+        self._write(key, None, durable=durable)
         if durable:
             await self._await_commit(durable=True)
         return True
@@ -205,8 +218,12 @@ class WriteBehindCache:
                 "misses": s.misses,
                 "evictions": s.evictions,
                 "dirty": self.dirty_count,
+                "dirty_bytes": self._dirty_bytes,
+                "clean_bytes": self._clean_bytes,
                 "max_entries": self.config.max_entries,
+                "max_bytes": self.config.max_bytes,
                 "max_dirty": self.config.max_dirty,
+                "max_dirty_bytes": self.config.max_dirty_bytes,
             },
             "flush": {
                 "count": f.count,
@@ -216,6 +233,7 @@ class WriteBehindCache:
                 # acknowledged writes waiting for a retry after a failed flush (0 when healthy)
                 "pending_retry": self.dirty_count if f.streak else 0,
                 "failing": f.streak > 0,
+                "refusing_writes": self._refusing_writes,
                 "interval_ms": self.config.flush_interval_ms,
             },
         }
@@ -263,37 +281,64 @@ class WriteBehindCache:
         load.future.set_result(value)
 
     def _remember(self, key: str, value: str) -> None:
+        self._forget(key)
         self._clean[key] = value
-        self._clean.move_to_end(key)
+        self._clean_bytes += nbytes(key) + nbytes(value)
         self._evict()
 
+    def _forget(self, key: str) -> None:
+        value = self._clean.pop(key, None)
+        if value is not None:
+            self._clean_bytes -= nbytes(key) + nbytes(value)
+
     def _evict(self) -> None:
-        clean = self._clean
-        while len(clean) > self.config.max_entries:
-            clean.popitem(last=False)
+        clean, max_entries, max_bytes = self._clean, self.config.max_entries, self.config.max_bytes
+        while clean and (len(clean) > max_entries or self._clean_bytes > max_bytes):
+            key, value = clean.popitem(last=False)
+            self._clean_bytes -= nbytes(key) + nbytes(value)
             self.stats_.evictions += 1
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def _write(self, key: str, value: str | None) -> None:
-        if key not in self._dirty:
+    @property
+    def _refusing_writes(self) -> bool:
+        """G9: from a failed flush attempt until the next successful one, non-durable writes are refused."""
+        return self.stats_.flush.streak > 0 and self.config.writes_while_failing == "refuse"
+
+    def _retry_after_s(self) -> int:
+        # Healthy, a flush is on its way now; failing, the next attempt is when the backoff runs out.
+        return max(1, math.ceil(self._retry_at - self.clock())) if self.stats_.flush.streak else 1
+
+    def _write(self, key: str, value: str | None, *, durable: bool = False) -> None:
+        if self._refusing_writes and not durable:
+            raise Overloaded("sqlite is failing: writes are refused until a flush succeeds; retry shortly.",
+                             retry_after_s=self._retry_after_s())
+        old = self._dirty.get(key, _ABSENT)
+        # What this write adds to the pending bytes: an overwrite in _dirty replaces that entry; anything else is a
+        # new entry (a key in the batch in flight is then held twice until that batch commits).
+        grows = nbytes(key) + nbytes(value) if old is _ABSENT else nbytes(value) - nbytes(cast("str | None", old))
+        if grows > 0 and self._dirty_bytes + grows > self.config.max_dirty_bytes:
+            self._trigger()
+            raise Overloaded(f"{self._dirty_bytes} bytes of writes are waiting for sqlite; retry shortly.",
+                             retry_after_s=self._retry_after_s())
+        if old is _ABSENT:
             in_flight = key in self._flight
             if not in_flight:  # a new dirty key (an overwrite of a pending one is always accepted)
                 if self.dirty_count >= self.config.max_dirty:
                     self._trigger()  # make room as soon as sqlite allows (max_dirty may be below the batch size)
-                    # Healthy, a flush is on its way now; failing, the next attempt is after the backoff.
-                    retry_after_s = math.ceil(self._backoff_ms / 1000) if self.stats_.flush.streak else 1
                     raise Overloaded(f"{self.dirty_count} writes are waiting for sqlite; retry shortly.",
-                                     retry_after_s=retry_after_s)
+                                     retry_after_s=self._retry_after_s())
             else:
                 self._overlap += 1
             self._new_dirty += 1
         self._dirty[key] = value
-        self._clean.pop(key, None)
+        self._dirty_bytes += grows
+        self._forget(key)
         load = self._loading.pop(key, None)
         if load is not None:
             load.stale = True
-        if self._new_dirty >= self.config.flush_batch_size or self.dirty_count >= self.config.max_dirty:
+        if (self._new_dirty >= self.config.flush_batch_size or self.dirty_count >= self.config.max_dirty
+                or self._dirty_bytes >= self.config.max_dirty_bytes):
             self._trigger()
 
     async def _await_commit(self, *, durable: bool) -> None:
@@ -336,7 +381,11 @@ class WriteBehindCache:
         self._new_dirty = 0
         self._again = self._again_force = False
         if self._flight:  # what a failed flush kept: its retry takes it, overlaid by newer writes
-            self._flight.update(self._dirty)
+            flight = self._flight
+            if self._overlap:
+                for key in self._dirty.keys() & flight.keys():
+                    self._dirty_bytes -= nbytes(key) + nbytes(flight[key])  # the older copy is dropped
+            flight.update(self._dirty)
             self._dirty = {}
         else:
             self._flight, self._dirty = self._dirty, {}
@@ -411,10 +460,13 @@ class WriteBehindCache:
         dirty, flight, clean = self._dirty, self._flight, self._clean
         for key, value in rows:
             del flight[key]
+            size = nbytes(key) + nbytes(value)
+            self._dirty_bytes -= size
             if key in dirty:
                 self._overlap -= 1  # written again during the flush: that write stays pending
             elif value is not None:
                 clean[key] = value  # a new key in clean, so already the most recently used
+                self._clean_bytes += size
         self._evict()
 
     def _settle(self, flush_no: int, error: StorageError | None) -> None:

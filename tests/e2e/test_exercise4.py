@@ -185,7 +185,8 @@ async def test_durable_writes_are_in_sqlite_when_answered(kv: AsyncKVClient, cac
 
 
 @pytest.mark.parametrize("busy_timeout_ms", [50], ids=["busy_timeout=50ms"])
-@pytest.mark.parametrize("cache_settings", [{"max_dirty": 3}], ids=["max_dirty=3"])
+@pytest.mark.parametrize("cache_settings", [{"max_dirty": 3, "writes_while_failing": "accept"}],
+                         ids=["max_dirty=3-accept"])
 @gen_test
 async def test_max_dirty_refuses_new_keys_but_accepts_overwrites(kv: AsyncKVClient, cache_app: CacheApp) -> None:
     # Reaching max_dirty starts a flush at once; with sqlite locked it cannot make room.
@@ -211,6 +212,48 @@ async def test_max_dirty_refuses_new_keys_but_accepts_overwrites(kv: AsyncKVClie
     assert db_rows(cache_app.db) == {"a": '"a"', "b": '"b2"', "c": '"c"'}
     assert_ok(await save(kv, "d", "d"))  # room again once committed
     assert (await stats(kv))["rejected"]["overloaded"] == 1
+
+
+@pytest.mark.parametrize("busy_timeout_ms", [50], ids=["busy_timeout=50ms"])
+@pytest.mark.parametrize("cache_settings", [{"durable_timeout_ms": 300}], ids=["durable_timeout=300ms"])
+@gen_test
+async def test_g9_while_sqlite_fails_writes_are_refused_and_reads_go_on(kv: AsyncKVClient, cache_app: CacheApp) -> None:
+    assert_ok(await save(kv, "a", 1))
+    with write_lock(cache_app.db):
+        assert_overloaded(await kv.request("POST", "/flush"))  # the failed attempt starts the refusal
+        refused = await save(kv, "b", 2)
+        assert assert_overloaded(refused) >= 1
+        assert "retry" in json.loads(refused.body)["message"]
+        assert_overloaded(await delete(kv, "a"))
+        assert_overloaded(await save(kv, "a", "overwrite"))
+        assert assert_ok(await get(kv, "a"))["value"] == 1
+        assert_error(await get(kv, "b"), 404, "not_found")
+        # A durable write is not acknowledged from memory: it waits for a commit and times out here.
+        assert_error(await save(kv, "d", 3, durable=True), 504, "durable_timeout")
+        s = await stats(kv)
+        assert s["flush"]["refusing_writes"] is True and s["rejected"]["overloaded"] >= 3, s
+
+    async def recovered() -> bool | None:
+        return (await kv.request("POST", "/flush")).status == 200 or None
+
+    await apoll(recovered, timeout_s=10, what="a successful flush after the lock is released")
+    assert db_rows(cache_app.db) == {"a": "1", "d": "3"}
+    assert assert_ok(await save(kv, "b", 2)) == {"key": "b", "saved": True}
+    assert (await stats(kv))["flush"]["refusing_writes"] is False
+
+
+@pytest.mark.parametrize("cache_settings", [{"max_dirty_bytes": 4096}], ids=["max_dirty_bytes=4096"])
+@gen_test
+async def test_max_dirty_bytes_refuses_what_would_pass_it(kv: AsyncKVClient, cache_app: CacheApp) -> None:
+    big = "x" * 1500
+    assert_ok(await save(kv, "a", big))
+    assert_ok(await save(kv, "b", big))
+    assert assert_overloaded(await save(kv, "c", big)) >= 1  # 3 x 1.5 KB > 4 KiB
+    assert_error(await get(kv, "c"), 404, "not_found")
+    assert (await stats(kv))["cache"]["dirty_bytes"] <= 4096
+    await flush(kv)  # the refusal has started a flush already; this one waits for everything to be in
+    assert set(db_rows(cache_app.db)) == {"a", "b"}
+    assert_ok(await save(kv, "c", big))
 
 
 @pytest.mark.parametrize(("method", "path"), [("POST", "/flush"), ("GET", "/stats")], ids=["flush", "stats"])

@@ -12,6 +12,7 @@ import json
 import random
 import signal
 import sqlite3
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
@@ -384,3 +385,32 @@ def test_durable_write_times_out_while_locked_and_is_committed_later(
         assert c.get("slow") == ["still", "kept"]
     stop_cleanly(srv)
     assert db_rows(db) == {"slow": stored(["still", "kept"])}
+
+
+def test_kill_9_during_an_outage_loses_nothing_acknowledged_after_the_failure(
+    start_server: Callable[..., Exercise4], tmp_path: Path
+) -> None:
+    # G9 (writes_while_failing: refuse, the default): from the first failed attempt on, no write is acknowledged
+    # from memory alone, so a crash during the outage loses at most what G8 allows.
+    srv = start_server(cache={"flush_interval_ms": 100})
+    db = db_path(tmp_path)
+    with srv.client() as c:
+        c.save("before", "committed", durable=True)
+        with write_lock(db):
+            c.save("early", "acknowledged before the failure was known")  # within G8's bound: may be lost
+
+            def failed_flush() -> dict[str, Any] | None:
+                doc: dict[str, Any] = c.stats()
+                return doc if doc["flush"]["errors"] > 0 else None
+
+            poll(failed_flush, timeout_s=15, what="a failed flush in /stats", interval_s=0.1)
+            statuses: Counter[int] = Counter()
+            for i in range(300):
+                resp = c.request("POST", "/save", body=json.dumps({"key": f"during{i}", "value": i}).encode())
+                statuses[resp.status] += 1
+            assert statuses == {503: 300}, statuses
+            srv.kill()
+    assert integrity(db) == "ok"
+    rows = db_rows(db)
+    assert rows.get("before") == stored("committed")
+    assert set(rows) <= {"before", "early"}

@@ -19,7 +19,7 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvtornado.cache import MAX_BACKOFF_MS, WriteBehindCache
+from kvtornado.cache import MAX_BACKOFF_MS, WriteBehindCache, nbytes
 from kvtornado.config import CacheConfig
 from kvtornado.errors import DurableTimeout, Overloaded, StorageError
 from kvtornado.store import SqliteStore
@@ -524,7 +524,7 @@ async def test_g4_one_warning_per_failure_streak_and_one_info_on_recovery(
     store: FakeStore, make_cache: MakeCache, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="kvtornado.cache")
-    cache = make_cache(store)
+    cache = make_cache(store, writes_while_failing="accept")  # writes go on during the streak
 
     def records(level: int) -> list[logging.LogRecord]:
         return [r for r in caplog.records if r.name == "kvtornado.cache" and r.levelno == level]
@@ -548,8 +548,177 @@ async def test_g4_one_warning_per_failure_streak_and_one_info_on_recovery(
 
 
 # ================================================================================================
+# G9 no acknowledgement the store cannot back
+# ================================================================================================
+
+
+@pytest.mark.gen_test
+async def test_g9_from_a_failed_attempt_until_a_success_non_durable_writes_are_refused(make_cache: MakeCache) -> None:
+    store = FakeStore({"old": '"committed"'})
+    clock = ManualClock()
+    cache = make_cache(store, clock=clock)
+    await cache.put("k", '"v1"')
+    store.fail_writes = True
+    with pytest.raises(Overloaded):
+        await cache.flush()
+
+    with pytest.raises(Overloaded) as refused:
+        await cache.put("k2", '"v"')
+    assert refused.value.headers["Retry-After"] == "1"  # the backoff is 100 ms: retry in a second
+    with pytest.raises(Overloaded):
+        await cache.put("k", '"overwrite"')  # an overwrite of a pending key too
+    with pytest.raises(Overloaded):
+        await cache.delete("old")
+    assert await cache.get("k") == '"v1"'  # reads go on, from memory and from the store
+    assert await cache.get("old") == '"committed"'
+    assert cache.stats()["flush"]["refusing_writes"] is True
+    assert cache.pending() == {"k": '"v1"'}  # nothing refused was kept
+
+    # A durable write is not acknowledged from memory: it is taken, and answered once it commits.
+    durable = asyncio.ensure_future(cache.put("d", '"durable"', durable=True))
+    await run_ready()
+    assert not durable.done()
+    store.heal()
+    clock.advance(1)  # past the backoff: the durable write's flush may retry
+    cache._tick()
+    await asyncio.wait_for(durable, timeout=5)
+    assert store.committed["d"] == '"durable"' and store.committed["k"] == '"v1"'
+
+    await cache.put("k2", '"v"')  # the success ended the refusal
+    assert cache.stats()["flush"]["refusing_writes"] is False
+
+
+@pytest.mark.gen_test
+async def test_g9_retry_after_follows_the_backoff(make_cache: MakeCache) -> None:
+    store = FakeStore()
+    cache = make_cache(store, clock=ManualClock(), flush_interval_ms=1000)
+    await cache.put("k", '"v"')
+    store.fail_writes = True
+    for expected in ("1", "2", "4", "5", "5"):  # the backoff doubles from flush_interval_ms up to 5 s
+        with pytest.raises(Overloaded) as failed:
+            await cache.flush()
+        assert failed.value.headers["Retry-After"] == expected
+        with pytest.raises(Overloaded) as refused:
+            await cache.put("other", '"v"')
+        assert refused.value.headers["Retry-After"] == expected
+
+
+@pytest.mark.gen_test
+async def test_g9_accept_keeps_acknowledging_writes_while_the_store_fails(make_cache: MakeCache) -> None:
+    store = FakeStore()
+    cache = make_cache(store, writes_while_failing="accept", max_dirty=3)
+    await cache.put("a", '"1"')
+    store.fail_writes = True
+    with pytest.raises(Overloaded):
+        await cache.flush()
+    await cache.put("b", '"2"')
+    await cache.delete("a")
+    assert cache.stats()["flush"]["refusing_writes"] is False
+    assert cache.pending() == {"a": None, "b": '"2"'}
+    store.heal()
+    assert await cache.flush() == 2
+    assert store.committed == {"b": '"2"'}
+
+
+# ================================================================================================
 # G5 bounded memory
 # ================================================================================================
+
+
+@pytest.mark.gen_test
+async def test_g5_max_dirty_bytes_refuses_a_write_that_grows_the_pending_bytes_past_it(
+    store: FakeStore, make_cache: MakeCache
+) -> None:
+    cache = make_cache(store, max_dirty_bytes=100)
+    await cache.put("a", '"' + "x" * 40 + '"')  # 1 + 42 bytes
+    await cache.put("b", '"' + "y" * 40 + '"')  # 86 in all
+    assert cache.stats()["cache"]["dirty_bytes"] == 86
+    await cache.put("a", '"' + "w" * 40 + '"')  # an overwrite that does not grow them is accepted
+    assert cache.stats()["cache"]["dirty_bytes"] == 86
+    with pytest.raises(Overloaded):
+        await cache.put("a", '"' + "x" * 60 + '"')  # one that grows them past the limit is not
+    store.write_gate.close()  # the refusal started a flush: hold it, so nothing is committed meanwhile
+    await cache.put("c", '"' + "z" * 5 + '"')  # 8 more: 94
+    with pytest.raises(Overloaded) as refused:
+        await cache.put("d", '"' + "z" * 20 + '"')  # 23 more: 117 > 100
+    assert refused.value.headers["Retry-After"] == "1"
+    assert cache.pending() == {"a": '"' + "w" * 40 + '"', "b": '"' + "y" * 40 + '"', "c": '"zzzzz"'}
+    store.write_gate.open()
+    await wait_until(lambda: cache.dirty_count == 0, "the flushes to commit everything")
+    assert cache.stats()["cache"]["dirty_bytes"] == 0
+    await cache.put("d", '"' + "z" * 20 + '"')  # room again
+
+
+@pytest.mark.gen_test
+async def test_g5_dirty_bytes_count_a_key_held_both_in_flight_and_rewritten(
+    store: FakeStore, make_cache: MakeCache
+) -> None:
+    cache = make_cache(store, max_dirty_bytes=60)
+    value = '"' + "x" * 20 + '"'  # 22 bytes; with the key "k", 23
+    await cache.put("k", value)
+    store.write_gate.close()
+    flushing = asyncio.ensure_future(cache.flush())
+    await wait_until(lambda: store.write_gate.waiting == 1, "the flush to reach the store")
+    await cache.put("k", value)  # the batch in flight still holds the first copy
+    assert cache.stats()["cache"]["dirty_bytes"] == 46
+    with pytest.raises(Overloaded):
+        await cache.put("j", value)  # 69 > 60
+    store.write_gate.open()
+    assert await flushing == 1
+    await wait_until(lambda: cache.dirty_count == 0, "the rewrite to be committed too")
+    assert cache.stats()["cache"]["dirty_bytes"] == 0  # both copies are released
+    await cache.put("j", value)
+
+
+@pytest.mark.gen_test
+async def test_g5_a_failed_retry_releases_the_older_copy_of_a_rewritten_key(
+    store: FakeStore, make_cache: MakeCache
+) -> None:
+    cache = make_cache(store, writes_while_failing="accept")
+    await cache.put("k", '"first"')
+    store.fail_writes = True
+    with pytest.raises(Overloaded):
+        await cache.flush()
+    await cache.put("k", '"second!"')  # kept in flight for the retry, and newer in dirty
+    assert cache.stats()["cache"]["dirty_bytes"] == (1 + 7) + (1 + 9)
+    with pytest.raises(Overloaded):
+        await cache.flush()  # the retry merges them: one copy left
+    assert cache.stats()["cache"]["dirty_bytes"] == 1 + 9
+    store.heal()
+    assert await cache.flush() == 1
+    assert cache.stats()["cache"]["dirty_bytes"] == 0
+    assert store.committed == {"k": '"second!"'}
+
+
+@pytest.mark.gen_test
+async def test_g5_clean_entries_stay_within_max_bytes_least_recently_used_first(make_cache: MakeCache) -> None:
+    store = FakeStore({f"k{i}": '"' + "v" * 18 + '"' for i in range(5)})  # 2 + 20 bytes each
+    cache = make_cache(store, max_bytes=70)
+    for i in range(3):
+        assert await cache.get(f"k{i}") is not None
+    assert cache.stats()["cache"]["clean_bytes"] == 66
+    await cache.get("k0")  # k0 is now the most recently used: k1 goes first
+    await cache.get("k3")
+    assert cache.stats()["cache"]["clean_bytes"] == 66
+    assert cache.stats()["cache"]["evictions"] == 1
+    reads = len(store.reads)
+    await cache.get("k0")
+    await cache.get("k2")
+    await cache.get("k3")
+    assert len(store.reads) == reads  # all three still cached
+    await cache.get("k1")
+    assert len(store.reads) == reads + 1  # k1 was the one evicted
+    # A committed write enters the clean entries under the same bound.
+    await cache.put("big", '"' + "b" * 60 + '"')
+    assert await cache.flush() == 1
+    assert cache.stats()["cache"]["clean_bytes"] <= 70
+
+
+@pytest.mark.gen_test
+async def test_g5_pending_bytes_are_measured_in_utf8(store: FakeStore, make_cache: MakeCache) -> None:
+    cache = make_cache(store)
+    await cache.put("é", '"€"')  # 2 + 5 bytes
+    assert cache.stats()["cache"]["dirty_bytes"] == 7
 
 
 @pytest.mark.gen_test
@@ -840,7 +1009,7 @@ async def test_sqlite_miss_reads_and_durable_writes(tmp_path: Path, make_cache: 
 
 KEYS = st.sampled_from(["a", "b", "c", "d"])
 MACHINE_CONFIG = CacheConfig(
-    max_entries=2, flush_interval_ms=100, flush_batch_size=1, max_dirty=2, durable_timeout_ms=5000
+    max_entries=2, max_bytes=64, flush_interval_ms=100, flush_batch_size=1, max_dirty=2, durable_timeout_ms=5000
 )
 
 
@@ -870,7 +1039,9 @@ class CacheAgainstDict(RuleBasedStateMachine):
     def _healthy(self) -> bool:
         return not self.store.fail_writes and self.store.writes_before_failure is None
 
-    def _would_overload(self, key: str) -> bool:
+    def _would_overload(self, key: str, *, durable: bool = False) -> bool:
+        if not durable and self.cache.stats()["flush"]["failing"]:
+            return True  # G9: writes_while_failing is refuse, the default
         return key not in self.cache.pending() and self.cache.dirty_count >= MACHINE_CONFIG.max_dirty
 
     async def _drain(self) -> None:
@@ -883,7 +1054,7 @@ class CacheAgainstDict(RuleBasedStateMachine):
     async def _save(self, key: str, *, durable: bool = False) -> None:
         self.serial += 1
         value = f'"v{self.serial}"'
-        if self._would_overload(key):
+        if self._would_overload(key, durable=durable):
             with pytest.raises(Overloaded):
                 await self.cache.put(key, value, durable=durable)
             event("save refused: overloaded")
@@ -1039,6 +1210,13 @@ class CacheAgainstDict(RuleBasedStateMachine):
         stats = self.cache.stats()["cache"]
         assert stats["dirty"] <= MACHINE_CONFIG.max_dirty
         assert stats["clean"] <= MACHINE_CONFIG.max_entries
+        assert stats["clean_bytes"] <= MACHINE_CONFIG.max_bytes
+        assert stats["clean_bytes"] == sum(nbytes(k) + nbytes(v) for k, v in self.cache._clean.items())
+        # Pending bytes hold every pending write once, and a key in flight and rewritten twice.
+        pending_once = sum(nbytes(k) + nbytes(v) for k, v in self.cache.pending().items())
+        assert pending_once <= stats["dirty_bytes"] <= MACHINE_CONFIG.max_dirty_bytes
+        if not self.cache.pending():
+            assert stats["dirty_bytes"] == 0
         assert all(len(rows) <= MACHINE_CONFIG.flush_batch_size for rows in self.store.write_calls)
         assert self.store.max_in_flight <= 1
 
