@@ -7,8 +7,10 @@ backend the write-behind cache flushes into. No sqlite call ever runs on the eve
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import heapq
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,12 +47,16 @@ log = logging.getLogger("kvtornado.store")
 def _connect(path: Path, synchronous: str, busy_timeout_ms: int) -> sqlite3.Connection:
     # isolation_level=None: no implicit transactions; writes use explicit BEGIN IMMEDIATE ... COMMIT.
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=True)
-    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        # A file that is not a database fails here, not in connect(): the connection must still be closed.
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StorageError(f"{path}: cannot switch sqlite to WAL journal mode (got {mode})")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+    except BaseException:
         conn.close()
-        raise StorageError(f"{path}: cannot switch sqlite to WAL journal mode (got {mode})")
-    conn.execute(f"PRAGMA synchronous = {synchronous}")
+        raise
     return conn
 
 
@@ -105,6 +111,7 @@ class SqliteStore:
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._closed = False
+        self._lock_fd: int | None = None  # flock on <path>.lock, held for the store's life (one server a file)
         self.reads = 0
         self.row_writes = 0
         self.commits = 0
@@ -118,9 +125,19 @@ class SqliteStore:
 
     def _open_writer(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # The folder and the file hold every value: only the server's user may read them (WAL and SHM files
+            # take the database file's mode).
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"{self.path.parent}: cannot create the data folder ({exc.strerror})") from None
+        self._take_lock()
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            self._release_lock()
+            raise StorageError(f"{self.path}: cannot create the database file ({exc.strerror})") from None
         conn: sqlite3.Connection | None = None
         try:
             conn = _connect(self.path, self.synchronous, self.busy_timeout_ms)
@@ -135,13 +152,40 @@ class SqliteStore:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             conn.execute("SELECT count(*) FROM kv LIMIT 1").fetchone()
-        except (sqlite3.Error, StorageError) as exc:
+        except BaseException as exc:
+            # Whatever failed after the connection was made, it is closed here: never left to the GC.
             if conn is not None:
                 conn.close()
-            if isinstance(exc, StorageError):
-                raise
-            raise StorageError(f"{self.path}: cannot open the sqlite database ({exc})") from None
+            self._release_lock()
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(f"{self.path}: cannot open the sqlite database ({exc})") from None
+            raise
         self._wconn = conn
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    def _take_lock(self) -> None:
+        """One server a database: an exclusive ``flock`` the kernel releases when the process dies (kill -9
+        leaves no stale lock). A lock file of its own, so it never meets sqlite's own POSIX locks."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StorageError(f"{self.lock_path}: cannot open the lock file ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StorageError(
+                f"{self.path}: another server is using this database (it holds {self.lock_path.name}); stop it first"
+            ) from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     def _open_reader(self) -> None:
         try:
@@ -165,6 +209,7 @@ class SqliteStore:
         self._closed = True
         self._reader.shutdown(wait=True)
         self._writer.shutdown(wait=True)
+        self._release_lock()  # last: the file is free for another server only once nothing of ours writes it
 
     async def _run(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:  # the threads are gone; say so in the store's own terms

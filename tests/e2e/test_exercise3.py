@@ -597,9 +597,11 @@ async def test_data_survives_closing_and_reopening_the_store(
     http_client: Any, config: Config, authenticator: Authenticator, signer: Signer
 ) -> None:
     values = {"s": "text", "n": 12.5, "o": {"a": [1, None]}, "gone": True, "ключ": "значение"}
+    # A file of its own: the fixture's store (behind http_client) holds the lock on the default one.
+    path = config.storage.path.with_name("reopened.sqlite3")
 
     async def serve_once(work: Callable[[AsyncKVClient], Any]) -> None:
-        store = SqliteStore(config.storage.path, synchronous=config.storage.synchronous)
+        store = SqliteStore(path, synchronous=config.storage.synchronous)
         await store.open()
         try:
             async with serving(make_app(config, authenticator=authenticator, kv=store)) as url:

@@ -171,3 +171,44 @@ def test_a_missing_config_file_is_refused_in_one_line(tmp_path: Path) -> None:
     done = _run(3, tmp_path / "nope.yaml", tmp_path)
     assert done.returncode != 0
     assert done.stderr.splitlines() == [f"{tmp_path / 'nope.yaml'}: config file not found"]
+
+
+@pytest.mark.parametrize("exercise", [3, 4])
+def test_a_second_server_on_one_database_refuses_to_start_and_kill_9_leaves_no_lock(
+    tmp_path: Path, exercise: int
+) -> None:
+    write_keys(tmp_path / "keys" / "kv.keys", [f"k1 {GOOD}"])
+    config = write_config(tmp_path)
+    db = tmp_path / "data" / "kv.sqlite3"
+    with ServerProcess.start(exercise, config) as first:
+        first.wait_listening()
+        with KVClient(first.base_url, Signer("k1", GOOD.encode())) as c:
+            c.save("k", "first", durable=True)
+        second = _run(exercise, config, tmp_path)
+        assert second.returncode == 2, second.stderr
+        lines = second.stderr.splitlines()
+        assert len(lines) == 1 and str(db) in lines[0] and "another server" in lines[0], second.stderr
+        with KVClient(first.base_url, Signer("k1", GOOD.encode())) as c:
+            assert c.get("k") == "first"  # the first one is unaffected
+        first.proc.kill()
+        first.proc.wait(timeout=PROCESS_TIMEOUT_S)
+    # The kernel dropped the lock with the process: a new server starts on the same file at once.
+    with ServerProcess.start(exercise, config) as again:
+        again.wait_listening()
+        with KVClient(again.base_url, Signer("k1", GOOD.encode())) as c:
+            assert c.get("k") == "first"
+        assert again.stop() == 0, again.lines
+
+
+def test_the_data_folder_and_file_are_private(tmp_path: Path) -> None:
+    write_keys(tmp_path / "keys" / "kv.keys", [f"k1 {GOOD}"])
+    config = write_config(tmp_path)
+    with ServerProcess.start(4, config) as proc:
+        proc.wait_listening()
+        with KVClient(proc.base_url, Signer("k1", GOOD.encode())) as c:
+            c.save("k", "v", durable=True)  # the WAL and shared-memory files exist now
+        data = tmp_path / "data"
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        for name in ("kv.sqlite3", "kv.sqlite3-wal", "kv.sqlite3-shm", "kv.sqlite3.lock"):
+            assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+        assert proc.stop() == 0, proc.lines

@@ -394,3 +394,34 @@ async def test_ordered_batches_run_on_the_writer_thread(store: SqliteStore, monk
     monkeypatch.setattr(store_module, "ordered_batches", spy)
     assert await store.ordered_batches({"b": 1, "a": 2}, 1) == [[("a", 2)], [("b", 1)]]
     assert seen and seen[0].startswith("kv-sqlite-writer")
+
+
+@pytest.mark.gen_test
+async def test_one_store_a_file_the_lock_is_released_on_close(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "kv.sqlite3"
+    first = SqliteStore(path)
+    await first.open()
+    second = SqliteStore(path)
+    with pytest.raises(StorageError, match="another server is using this database") as refused:
+        await second.open()
+    assert str(path) in str(refused.value)
+    other = SqliteStore(tmp_path / "data" / "other.sqlite3")  # another file in the same folder is fine
+    await other.open()
+    await other.close()
+    await first.close()
+    await second.open()  # free once the first is closed
+    await second.close()
+
+
+@pytest.mark.gen_test
+async def test_a_new_database_is_private(tmp_path: Path) -> None:
+    path = tmp_path / "fresh" / "kv.sqlite3"
+    s = SqliteStore(path)
+    await s.open()
+    try:
+        await s.write_rows([("k", '"v"')])
+        assert oct(path.parent.stat().st_mode & 0o777) == "0o700"
+        for p in (path, path.with_name("kv.sqlite3-wal"), path.with_name("kv.sqlite3.lock")):
+            assert oct(p.stat().st_mode & 0o777) == "0o600", p
+    finally:
+        await s.close()
