@@ -1,9 +1,16 @@
-"""A signing client: a Python API (blocking and Tornado-async) and a command line.
+"""A signing client: a Python API (blocking and asyncio) and a command line.
 
-    python -m kvtornado.client [--config config.yaml] save KEY VALUE [--json] [--durable]
-    python -m kvtornado.client get KEY | delete KEY | authorize | ping | flush | stats
+    python -m kvtornado.client [--config PATH] [--url URL] [--key-id ID] COMMAND ...
+        ping | authorize | get KEY | save KEY VALUE [--json] [--durable] | delete KEY [--durable]
+        | flush | stats          (VALUE: text; '-' reads stdin, '@path' a file; --json parses it)
 
 The command line reads the same config and keys file as the server, so nobody signs by hand.
+
+``KVClient`` (blocking, ``http.client``) and ``AsyncKVClient`` (Tornado's ``AsyncHTTPClient``) share one
+core, ``_ClientCore``: the URL, request building (query encoding, headers, signing, body), the endpoints
+and the mapping of error answers to ``KVClientError``. Only the transport, ``_send``, differs (the shape of
+httpx's ``Client``/``AsyncClient``). Both always sign for themselves: ``headers`` naming ``Authorization``
+(or ``Host``, ``Content-Length``, ``Transfer-Encoding``) is refused with ``ValueError``, never merged.
 """
 
 from __future__ import annotations
@@ -11,6 +18,9 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
+import select
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +32,13 @@ from urllib.parse import quote, urlencode, urlsplit
 from kvtornado.auth import new_nonce, sign_request
 
 JSON = "application/json"
+_BODY_METHODS = ("POST", "PUT", "PATCH")
+# Headers the core owns: a caller's copy is refused, never merged (see ``_ClientCore.build``).
+_CORE_HEADERS = frozenset({"authorization", "host", "content-length", "transfer-encoding"})
+# AsyncKVClient asks before sending a body past this size (``Expect: 100-continue``), so a server that
+# refuses it from its Content-Length (413) answers before any of it is sent. Smaller bodies fit in the
+# socket buffers, and one round trip is cheap next to sending a larger one.
+_ASK_FIRST_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -35,14 +52,26 @@ class Response:
 
 
 class KVClientError(Exception):
-    """A non-2xx answer: ``status``, ``code`` (the server's error code) and ``message``."""
+    """A non-2xx answer: ``status``, ``code`` (the server's error code), ``message`` and ``doc``, the server's
+    whole JSON error body (it may carry more than ``error`` and ``message``, e.g. ``current_version``)."""
 
-    def __init__(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None,
+                 doc: Mapping[str, Any] | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        self.doc: dict[str, Any] = dict(doc) if doc is not None else {"error": code, "message": message}
+
+
+class KVConnectionError(ConnectionError):
+    """The server at ``url`` could not be reached (refused, unknown host, timed out): nothing was sent."""
+
+    def __init__(self, url: str, cause: OSError) -> None:
+        self.url = url
+        self.reason = cause.strerror or str(cause) or type(cause).__name__
+        super().__init__(f"cannot connect to {url}: {self.reason}")
 
 
 @dataclass
@@ -67,6 +96,7 @@ def encode_query(params: Mapping[str, Any] | None) -> str:
 
 
 def _check(resp: Response) -> Any:
+    """The decoded JSON of a 2xx answer; any other answer raises ``KVClientError``."""
     doc: Any = None
     try:
         doc = resp.json()
@@ -75,29 +105,143 @@ def _check(resp: Response) -> Any:
     if 200 <= resp.status < 300:
         return doc
     if isinstance(doc, dict) and "error" in doc:
-        raise KVClientError(resp.status, str(doc["error"]), str(doc.get("message", "")), resp.headers)
+        raise KVClientError(resp.status, str(doc["error"]), str(doc.get("message", "")), resp.headers, doc)
     raise KVClientError(resp.status, "http_error", resp.body[:200].decode("utf-8", "replace"), resp.headers)
 
 
-class _Api:
-    """The endpoint methods, on top of a ``call`` that subclasses make blocking or async."""
+@dataclass(frozen=True)
+class Request:
+    """One request exactly as it goes on the wire: the query text and body are the ones that were signed."""
 
-    def _save_args(self, key: str, value: Any, durable: bool) -> tuple[str, str, dict[str, Any], bytes]:
-        body = json.dumps({"key": key, "value": value}, ensure_ascii=False, separators=(",", ":")).encode()
-        return "POST", "/save", {"durable": 1} if durable else {}, body
+    method: str
+    path: str
+    query: str
+    headers: Mapping[str, str]
+    body: bytes
+
+    @property
+    def target(self) -> str:
+        return self.path + ("?" + self.query if self.query else "")
 
 
-class KVClient(_Api):
-    """Blocking client over one keep-alive ``http.client`` connection."""
+@dataclass(frozen=True)
+class _Call:
+    """One endpoint call: what to send, and which field of the answer to return (``None``: all of it)."""
+
+    method: str
+    path: str
+    params: Mapping[str, Any] | None = None
+    body: bytes = b""
+    sign: bool = True
+    pick: str | None = None
+
+    def result(self, resp: Response) -> Any:
+        doc = _check(resp)
+        return doc if self.pick is None else doc[self.pick]
+
+
+def _durable(durable: bool) -> dict[str, Any]:
+    return {"durable": 1} if durable else {}
+
+
+class _ClientCore:
+    """What both clients share; subclasses add a transport (``request``) and the endpoint methods on it.
+
+    The client owns ``Authorization``, ``Host``, ``Content-Length`` and ``Transfer-Encoding``: it signs every
+    request itself (unless ``sign=False`` or there is no signer), and a caller's ``headers`` naming any of
+    these, in any case, is refused with ``ValueError`` before anything is sent. A caller's header never
+    overrides the signature, and no request leaves with a header other than the one that was signed.
+    """
 
     def __init__(self, base_url: str, signer: Signer | None, *, timeout_s: float = 30.0) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            # The path on the request line is what is signed: a prefix would be signed by no one.
+            raise ValueError(f"the base URL must be scheme://host[:port] only: {base_url!r}")
+        self.base_url = f"{parts.scheme}://{parts.netloc}"
         self.host_header = parts.netloc
         self.signer = signer
+        self.timeout_s = timeout_s
+
+    def build(
+        self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: bytes = b"",
+        content_type: str | None = None, headers: Mapping[str, str] | None = None, sign: bool = True,
+    ) -> Request:
+        """The request to send: query encoded once (that text is both sent and signed), headers, signature."""
+        query = encode_query(params)
+        hdrs: dict[str, str] = {"Host": self.host_header}
+        if body or method in _BODY_METHODS:
+            hdrs["Content-Type"] = content_type or JSON
+        for name, value in (headers or {}).items():
+            lower = name.lower()
+            if lower in _CORE_HEADERS:
+                raise ValueError(f"the client sets the {name} header itself; it cannot be passed in headers")
+            for own in [k for k in hdrs if k.lower() == lower]:  # e.g. a caller's content-type replaces ours
+                del hdrs[own]
+            hdrs[name] = value
+        if sign and self.signer is not None:
+            hdrs["Authorization"] = self.signer.authorization(method, self.host_header, path, query, body)
+        return Request(method, path, query, hdrs, body)
+
+    # The endpoints, once: each client method is ``self._call(<one of these>)``.
+
+    @staticmethod
+    def _ping() -> _Call:
+        return _Call("GET", "/ping", sign=False)
+
+    @staticmethod
+    def _authorize() -> _Call:
+        return _Call("GET", "/authorize")
+
+    @staticmethod
+    def _save(key: str, value: Any, durable: bool) -> _Call:
+        body = json.dumps({"key": key, "value": value}, ensure_ascii=False, separators=(",", ":")).encode()
+        return _Call("POST", "/save", _durable(durable), body)
+
+    @staticmethod
+    def _get(key: str) -> _Call:
+        return _Call("GET", "/get", {"key": key}, pick="value")
+
+    @staticmethod
+    def _delete(key: str, durable: bool) -> _Call:
+        return _Call("DELETE", "/delete", {"key": key, **_durable(durable)})
+
+    @staticmethod
+    def _flush() -> _Call:
+        return _Call("POST", "/flush")
+
+    @staticmethod
+    def _stats() -> _Call:
+        return _Call("GET", "/stats")
+
+
+def _has_input(sock: socket.socket) -> bool:
+    """True when an idle socket is readable: the server closed it (EOF), reset it, or spoke out of turn."""
+    try:
+        poller = select.poll()
+    except AttributeError:  # no poll() (Windows)
+        return bool(select.select([sock], [], [], 0)[0])
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+class KVClient(_ClientCore):
+    """Blocking client over one keep-alive ``http.client`` connection (one client per thread).
+
+    A request is sent at most once. Before reusing the connection the client checks that the server has not
+    closed it meanwhile, and opens a fresh one if it has: nothing was sent yet, so that is safe. Once any byte
+    has gone out, a failure is raised, never retried: the server may have acted on what it received. If the
+    server answers before reading the whole body (413 ``too_large`` from ``Content-Length``) and closes,
+    that answer is read and raised as ``KVClientError``, not the broken pipe of the unfinished upload.
+    """
+
+    def __init__(self, base_url: str, signer: Signer | None, *, timeout_s: float = 30.0) -> None:
+        super().__init__(base_url, signer, timeout_s=timeout_s)
+        parts = urlsplit(self.base_url)
         conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        self._conn = conn_cls(parts.hostname, parts.port, timeout=timeout_s)
+        self._conn = conn_cls(parts.hostname or "", parts.port, timeout=timeout_s)  # hostname: checked above
 
     def close(self) -> None:
         self._conn.close()
@@ -112,169 +256,292 @@ class KVClient(_Api):
         self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: bytes = b"",
         content_type: str | None = None, headers: Mapping[str, str] | None = None, sign: bool = True,
     ) -> Response:
-        query = encode_query(params)
-        hdrs = {"Host": self.host_header}
-        if body or method in ("POST", "PUT", "PATCH"):
-            hdrs["Content-Type"] = content_type or JSON
-        hdrs.update(headers or {})
-        target = path + ("?" + query if query else "")
-        for attempt in (1, 2):
-            if sign and self.signer is not None and not (headers and "Authorization" in headers):
-                # Signed afresh on every attempt: a retry with the same nonce would be refused as a replay.
-                hdrs["Authorization"] = self.signer.authorization(method, self.host_header, path, query, body)
+        """Send one request (built and signed by ``build``) and return the answer, whatever its status."""
+        return self._send(self.build(method, path, params=params, body=body, content_type=content_type,
+                                     headers=headers, sign=sign))
+
+    def _send(self, req: Request) -> Response:
+        conn = self._conn
+        if conn.sock is not None and _has_input(conn.sock):
+            conn.close()  # closed by the server while idle; nothing of this request was sent
+        if conn.sock is None:
             try:
-                self._conn.request(method, target, body=body or None, headers=hdrs)
-                r = self._conn.getresponse()
-                return Response(r.status, {k: v for k, v in r.getheaders()}, r.read())
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                # The server closed an idle keep-alive connection; one fresh try (the request was not seen).
-                self._conn.close()
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+                conn.connect()
+            except OSError as exc:
+                raise KVConnectionError(self.base_url, exc) from exc
+        try:
+            try:
+                conn.request(req.method, req.target, body=req.body or None, headers=dict(req.headers))
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                # http.client sends the headers, then the body. A server that refuses the body from its
+                # Content-Length answers and closes while we are still sending: its answer is waiting.
+                try:
+                    return self._read_response()
+                except (OSError, http.client.HTTPException):
+                    raise exc from None
+            return self._read_response()
+        except BaseException:
+            conn.close()
+            raise
+
+    def _read_response(self) -> Response:
+        r = self._conn.getresponse()  # closes the connection itself when the answer says it will close
+        return Response(r.status, dict(r.getheaders()), r.read())
+
+    def _call(self, call: _Call) -> Any:
+        return call.result(self.request(call.method, call.path, params=call.params, body=call.body,
+                                        sign=call.sign))
 
     def ping(self) -> Any:
-        return _check(self.request("GET", "/ping", sign=False))
+        """``GET /ping`` (unsigned): ``{"ping": "pong"}``."""
+        return self._call(self._ping())
 
     def authorize(self) -> Any:
-        return _check(self.request("GET", "/authorize"))
+        """``GET /authorize``: who the server says this key is."""
+        return self._call(self._authorize())
 
     def save(self, key: str, value: Any, *, durable: bool = False) -> Any:
-        method, path, params, body = self._save_args(key, value, durable)
-        return _check(self.request(method, path, params=params, body=body))
+        """``POST /save``: any JSON value; ``durable`` waits for the commit."""
+        return self._call(self._save(key, value, durable))
 
     def get(self, key: str) -> Any:
-        return _check(self.request("GET", "/get", params={"key": key}))["value"]
+        """``GET /get``: the value exactly as saved (``KVClientError`` 404 ``not_found`` when absent)."""
+        return self._call(self._get(key))
 
     def delete(self, key: str, *, durable: bool = False) -> Any:
-        params: dict[str, Any] = {"key": key, **({"durable": 1} if durable else {})}
-        return _check(self.request("DELETE", "/delete", params=params))
+        """``DELETE /delete``; ``durable`` waits for the commit."""
+        return self._call(self._delete(key, durable))
 
     def flush(self) -> Any:
-        return _check(self.request("POST", "/flush"))
+        """``POST /flush`` (exercise 4): ``{"flushed": n}`` once everything dirty is committed."""
+        return self._call(self._flush())
 
     def stats(self) -> Any:
-        return _check(self.request("GET", "/stats"))
+        """``GET /stats`` (exercise 4): the counters."""
+        return self._call(self._stats())
 
 
-class AsyncKVClient(_Api):
-    """Tornado ``AsyncHTTPClient`` flavour, for code already on an event loop (tests, bench)."""
+class AsyncKVClient(_ClientCore):
+    """The same client on Tornado's ``AsyncHTTPClient``, for code already on an event loop (tests, bench).
+
+    Create it on the loop it will run on. A body over 64 KiB is sent with ``Expect: 100-continue``, so a 413
+    from ``Content-Length`` arrives before the body is sent and is raised as ``KVClientError``.
+    """
 
     def __init__(self, base_url: str, signer: Signer | None, *, timeout_s: float = 30.0) -> None:
         from tornado.httpclient import AsyncHTTPClient
 
-        parts = urlsplit(base_url)
-        self.base_url = base_url.rstrip("/")
-        self.host_header = parts.netloc
-        self.signer = signer
-        self.timeout_s = timeout_s
+        super().__init__(base_url, signer, timeout_s=timeout_s)
         self._http = AsyncHTTPClient()
 
     async def request(
         self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: bytes = b"",
         content_type: str | None = None, headers: Mapping[str, str] | None = None, sign: bool = True,
     ) -> Response:
-        query = encode_query(params)
-        hdrs = {"Host": self.host_header}
-        if body or method in ("POST", "PUT", "PATCH"):
-            hdrs["Content-Type"] = content_type or JSON
-        if sign and self.signer is not None:
-            hdrs["Authorization"] = self.signer.authorization(method, self.host_header, path, query, body)
-        hdrs.update(headers or {})
-        url = self.base_url + path + ("?" + query if query else "")
-        r = await self._http.fetch(
-            url, method=method, headers=hdrs, body=body if method in ("POST", "PUT", "PATCH") else None,
-            allow_nonstandard_methods=True, raise_error=False, request_timeout=self.timeout_s,
-        )
+        """Send one request (built and signed by ``build``) and return the answer, whatever its status."""
+        return await self._send(self.build(method, path, params=params, body=body, content_type=content_type,
+                                           headers=headers, sign=sign))
+
+    async def _send(self, req: Request) -> Response:
+        try:
+            r = await self._http.fetch(
+                self.base_url + req.target, method=req.method, headers=dict(req.headers),
+                body=req.body if req.body or req.method in _BODY_METHODS else None,
+                allow_nonstandard_methods=True, raise_error=False, request_timeout=self.timeout_s,
+                follow_redirects=False,  # a signature is for one URL: never resent elsewhere
+                expect_100_continue=len(req.body) > _ASK_FIRST_BYTES,
+            )
+        except (ConnectionRefusedError, socket.gaierror) as exc:
+            raise KVConnectionError(self.base_url, exc) from exc
         return Response(r.code, dict(r.headers.get_all()), r.body or b"")
 
+    async def _call(self, call: _Call) -> Any:
+        return call.result(await self.request(call.method, call.path, params=call.params, body=call.body,
+                                              sign=call.sign))
+
     async def ping(self) -> Any:
-        return _check(await self.request("GET", "/ping", sign=False))
+        """``GET /ping`` (unsigned): ``{"ping": "pong"}``."""
+        return await self._call(self._ping())
 
     async def authorize(self) -> Any:
-        return _check(await self.request("GET", "/authorize"))
+        """``GET /authorize``: who the server says this key is."""
+        return await self._call(self._authorize())
 
     async def save(self, key: str, value: Any, *, durable: bool = False) -> Any:
-        method, path, params, body = self._save_args(key, value, durable)
-        return _check(await self.request(method, path, params=params, body=body))
+        """``POST /save``: any JSON value; ``durable`` waits for the commit."""
+        return await self._call(self._save(key, value, durable))
 
     async def get(self, key: str) -> Any:
-        return _check(await self.request("GET", "/get", params={"key": key}))["value"]
+        """``GET /get``: the value exactly as saved (``KVClientError`` 404 ``not_found`` when absent)."""
+        return await self._call(self._get(key))
 
     async def delete(self, key: str, *, durable: bool = False) -> Any:
-        params: dict[str, Any] = {"key": key, **({"durable": 1} if durable else {})}
-        return _check(await self.request("DELETE", "/delete", params=params))
+        """``DELETE /delete``; ``durable`` waits for the commit."""
+        return await self._call(self._delete(key, durable))
 
     async def flush(self) -> Any:
-        return _check(await self.request("POST", "/flush"))
+        """``POST /flush`` (exercise 4): ``{"flushed": n}`` once everything dirty is committed."""
+        return await self._call(self._flush())
 
     async def stats(self) -> Any:
-        return _check(await self.request("GET", "/stats"))
+        """``GET /stats`` (exercise 4): the counters."""
+        return await self._call(self._stats())
 
 
 # --- command line --------------------------------------------------------------------------------
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _default_config() -> Path:
     return Path(__file__).resolve().parent.parent / "config.yaml"
 
 
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kvtornado.client",
+        description="Signed requests to a kvtornado server, with the key from the server's own keys file. "
+                    "Each command prints the server's JSON answer on one line.",
+        epilog="VALUE is text as given; '-' reads it from stdin and '@path' from a file (UTF-8, exactly as "
+               "read, trailing newline included), which also passes values too long for the command line. "
+               "Exit status: 0 done; 1 the server refused (the error JSON is on stderr) or could not be "
+               "reached; 2 bad usage, config, keys file or VALUE.",
+    )
+    p.add_argument("--config", type=Path, default=_default_config(), metavar="PATH",
+                   help="config file: the server's address and keys file (default: %(default)s)")
+    p.add_argument("--url", help="server URL, e.g. http://127.0.0.1:8888 (default: from the config's "
+                                 "server.host and server.port)")
+    p.add_argument("--key-id", metavar="ID", help="key id to sign with (default: the first in the keys file)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="one of these (each takes --help):")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text)
+
+    command("ping", "check that the server answers (unsigned: needs no keys file, nor a config with --url)")
+    command("authorize", "check that the server accepts this key; prints its key id")
+    s = command("save", "save KEY = VALUE (a string, or any JSON value with --json)")
+    s.add_argument("key", metavar="KEY", help="the key (any non-empty text)")
+    s.add_argument("value", metavar="VALUE",
+                   help="the value: text as given, '-' to read stdin, '@path' to read a file")
+    s.add_argument("--json", action="store_true", help="parse VALUE as JSON (number, list, object, ...)")
+    s.add_argument("--durable", action="store_true", help="answer only once committed to the database")
+    g = command("get", "print the value of KEY as JSON (exit 1 with 404 not_found when it is absent)")
+    g.add_argument("key", metavar="KEY", help="the key")
+    d = command("delete", "delete KEY (exit 1 with 404 not_found when it is absent)")
+    d.add_argument("key", metavar="KEY", help="the key")
+    d.add_argument("--durable", action="store_true", help="answer only once committed to the database")
+    command("flush", "commit every pending write now (exercise 4); prints how many")
+    command("stats", "print the server's counters (exercise 4)")
+    return p
+
+
+class _UsageError(Exception):
+    """A problem with the command line's own input: exit 2 with this one line."""
+
+
+def _read_value(arg: str) -> str:
+    """VALUE as given, or the text of stdin (``-``) or of a file (``@path``), exactly as read."""
+    if arg == "-":
+        where, data = "stdin", sys.stdin.buffer.read()
+    elif arg.startswith("@"):
+        where = arg[1:]
+        if not where:
+            raise _UsageError("'@' needs a file name: @path")
+        try:
+            data = Path(where).read_bytes()
+        except OSError as exc:
+            raise _UsageError(f"cannot read {where}: {exc.strerror or exc}") from None
+    else:
+        return arg
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _UsageError(f"VALUE from {where} is not UTF-8 text") from None
+
+
+def _server_url(host: str, port: int) -> str:
+    # A server bound to every interface is reached on loopback.
+    host = host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"  # noqa: S104
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _stdout_to_devnull() -> None:
+    """After a broken stdout pipe: the interpreter flushes stdout again at exit, so point it at devnull
+    instead of letting that flush fail too (the recipe in Python's ``signal`` documentation)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def cli(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status."""
     from kvtornado.auth import load_keys
     from kvtornado.config import load_config
     from kvtornado.errors import ConfigError
 
-    p = argparse.ArgumentParser(prog="python -m kvtornado.client", description="Signed requests to kvtornado.")
-    p.add_argument("--config", type=Path, default=_default_config(), help="config file (default: %(default)s)")
-    p.add_argument("--url", help="server URL (default: from the config's server.host and server.port)")
-    p.add_argument("--key-id", help="key id to sign with (default: the first in the keys file)")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("save", help="save KEY VALUE (VALUE is a string unless --json)")
-    s.add_argument("key")
-    s.add_argument("value")
-    s.add_argument("--json", action="store_true", help="parse VALUE as JSON")
-    s.add_argument("--durable", action="store_true", help="answer only once committed to sqlite")
-    g = sub.add_parser("get", help="print the value of KEY as JSON")
-    g.add_argument("key")
-    d = sub.add_parser("delete", help="delete KEY")
-    d.add_argument("key")
-    d.add_argument("--durable", action="store_true")
-    for name in ("authorize", "ping", "flush", "stats"):
-        sub.add_parser(name)
-    args = p.parse_args(argv)
-
+    args = _parser().parse_args(argv)
+    signer: Signer | None = None
     try:
-        cfg = load_config(args.config)
-        keys = load_keys(cfg.auth.secret_file, create=False)
+        value: Any = None
+        if args.command == "save":
+            value = _read_value(args.value)
+            if args.json:
+                try:
+                    value = json.loads(value)
+                except ValueError as exc:
+                    raise _UsageError(f"VALUE is not JSON ({exc})") from None
+        url: str | None = args.url
+        if args.command != "ping" or url is None:  # ping is unsigned: it needs no keys file
+            cfg = load_config(args.config)
+            url = url or _server_url(cfg.server.host, cfg.server.port)
+            if args.command != "ping":
+                keys = load_keys(cfg.auth.secret_file, create=False)
+                key_id = args.key_id or next(iter(keys), None)
+                if key_id not in keys:
+                    raise _UsageError(f"key id {key_id!r} is not in {cfg.auth.secret_file}")
+                signer = Signer(key_id, keys[key_id])
+        client = KVClient(url, signer)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
-        return 2
-    key_id = args.key_id or next(iter(keys))
-    if key_id not in keys:
-        print(f"error: key id {key_id!r} is not in {cfg.auth.secret_file}", file=sys.stderr)
-        return 2
-    # A server bound to every interface is reached on loopback.
-    host = cfg.server.host if cfg.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"  # noqa: S104
-    url = args.url or f"http://{host}:{cfg.server.port}"
-    try:
-        with KVClient(url, Signer(key_id, keys[key_id])) as c:
-            if args.command == "save":
-                value = json.loads(args.value) if args.json else args.value
-                out = c.save(args.key, value, durable=args.durable)
-            elif args.command == "get":
-                out = c.get(args.key)
-            elif args.command == "delete":
-                out = c.delete(args.key, durable=args.durable)
-            else:
-                out = getattr(c, args.command)()
-    except KVClientError as exc:
+        return EXIT_USAGE
+    except (_UsageError, ValueError) as exc:  # ValueError: a --url that is not one
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(out, ensure_ascii=False))
-    return 0
+        return EXIT_USAGE
+
+    try:
+        with client:
+            if args.command == "save":
+                out = client.save(args.key, value, durable=args.durable)
+            elif args.command == "get":
+                out = client.get(args.key)
+            elif args.command == "delete":
+                out = client.delete(args.key, durable=args.durable)
+            else:
+                out = getattr(client, args.command)()
+    except KVClientError as exc:
+        # The server's own answer, as it sent it: status, then its JSON error body.
+        print(f"error: {exc.status} {json.dumps(exc.doc, ensure_ascii=False)}", file=sys.stderr)
+        return EXIT_FAILED
+    except KVConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except (OSError, http.client.HTTPException) as exc:
+        reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
+        print(f"error: request to {client.base_url} failed: {reason}", file=sys.stderr)
+        return EXIT_FAILED
+
+    try:
+        print(json.dumps(out, ensure_ascii=False))
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`... | head -c1`): stop quietly
+        _stdout_to_devnull()
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

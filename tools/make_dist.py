@@ -6,6 +6,9 @@
 In a git checkout the files are what git would commit (``git ls-files --cached --others --exclude-standard``);
 elsewhere (an unpacked archive) the tree is walked. Either way only the paths below are taken and the
 local-only ones are dropped, so a stray key or database can never be shipped.
+
+The ZIP's ``README.md`` also says how to set up, run and test without ``make`` (``WITHOUT_MAKE``, appended
+unless the README already gives those commands), for a reader whose machine has Python but no ``make``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,21 @@ EXCLUDE_PARTS = frozenset({
 })
 EXCLUDE_PREFIXES = ("bench/results/",)  # the bench's own output
 EXCLUDE_SUFFIXES = (".pyc", ".pyo", ".keys", ".sqlite3", ".sqlite3-wal", ".sqlite3-shm", ".zip")
+README = "README.md"
+WITHOUT_MAKE_MARK = "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt"
+WITHOUT_MAKE = f"""
+## Without make
+
+`make run` and `make test` are only these commands, for a machine with Python 3.11+ and no `make` (on Windows:
+`py -m venv .venv`, `.venv\\Scripts\\pip install -r requirements.txt`, `.venv\\Scripts\\activate`):
+
+```sh
+{WITHOUT_MAKE_MARK}   # once: the venv
+. .venv/bin/activate                       # in each new shell, so that `python` is the venv's
+python exercise4.py --config config.yaml   # make run; python exerciseN.py --config config.yaml runs exercise N
+ruff check . && mypy && python -m pytest   # make test: lint, types (strict on kvtornado/), then the suite
+```
+"""
 
 
 def version(root: Path) -> str:
@@ -76,6 +94,12 @@ def list_files(root: Path, *, use_git: bool = True) -> list[str]:
     return sorted({n for n in names if wanted(PurePosixPath(n)) and (root / n).is_file()})
 
 
+def readme_text(text: str) -> str:
+    """The README as shipped: with the set-up without ``make``, unless it already has it (so a ZIP built
+    from an unpacked ZIP carries it once)."""
+    return text if WITHOUT_MAKE_MARK in text else text.rstrip("\n") + "\n" + WITHOUT_MAKE
+
+
 def build(out_dir: Path, root: Path = ROOT, *, use_git: bool = True) -> Path:
     """Write ``<out_dir>/kvtornado-<version>.zip`` (every entry under ``kvtornado-<version>/``)."""
     name = f"kvtornado-{version(root)}"
@@ -84,7 +108,12 @@ def build(out_dir: Path, root: Path = ROOT, *, use_git: bool = True) -> Path:
     tmp = target.with_suffix(".zip.tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, strict_timestamps=False) as zf:
         for rel in list_files(root, use_git=use_git):
-            zf.write(root / rel, f"{name}/{rel}")  # keeps the mode bits: .ci/run stays executable
+            if rel == README:
+                info = zipfile.ZipInfo.from_file(root / rel, f"{name}/{rel}", strict_timestamps=False)
+                zf.writestr(info, readme_text((root / rel).read_text(encoding="utf-8")).encode("utf-8"),
+                            compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                zf.write(root / rel, f"{name}/{rel}")  # keeps the mode bits: .ci/run stays executable
     tmp.replace(target)
     return target
 

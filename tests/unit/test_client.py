@@ -1,18 +1,28 @@
-"""kvtornado/client.py: the query text that is sent is the one that is signed; the secret never shows."""
+"""kvtornado/client.py: the query text that is sent is the one that is signed; the secret never shows; both
+clients (blocking and async) follow the same rules; a request is sent at most once, and a body the server
+refuses from its Content-Length is reported as the server's 413, not as a broken pipe."""
 
 from __future__ import annotations
 
 import json
+import re
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
 from kvtornado.auth import Authenticator, parse_authorization
-from kvtornado.client import KVClient, KVClientError, Signer, encode_query
+from kvtornado.client import AsyncKVClient, KVClient, KVClientError, KVConnectionError, Signer, encode_query
 from kvtornado.codec import query_fields
 from kvtornado.errors import AuthError
-from tests.conftest import TEST_KEY_ID, TEST_SECRET
+from tests.conftest import TEST_KEY_ID, TEST_SECRET, write_config, write_keys
+from tests.e2e.helpers import ServerProcess
 
 NOW = 1_700_000_000
 NONCE = "fixed-nonce-0123456789"
@@ -84,95 +94,332 @@ def test_signer_uses_a_fresh_nonce_and_the_clock_by_default() -> None:
     assert a.nonce != b.nonce
 
 
-# --- KVClient: what goes on the wire is what was signed -----------------------------------------
+# --- a local server that records what each client sends -----------------------------------------
 
 
-class FakeResponse:
-    def __init__(self, status: int, body: bytes) -> None:
-        self.status = status
-        self._body = body
-
-    def getheaders(self) -> list[tuple[str, str]]:
-        return [("Content-Type", "application/json; charset=UTF-8")]
-
-    def read(self) -> bytes:
-        return self._body
+@dataclass(frozen=True)
+class Answer:
+    status: int = 200
+    doc: Any = field(default_factory=lambda: {"ok": True})
+    drop: bool = False  # read the request, answer nothing, close the connection
+    then_close: bool = False  # answer, then close without saying so (a keep-alive the server gave up)
 
 
-class FakeConnection:
-    """Stands in for ``http.client.HTTPConnection``: records requests, answers from a list."""
+@dataclass(frozen=True)
+class Seen:
+    method: str
+    target: str
+    headers: dict[str, str]
+    body: bytes
+    peer: tuple[str, int]
 
-    def __init__(self, answers: list[tuple[int, Any]]) -> None:
-        self.sent: list[tuple[str, str, bytes | None, dict[str, str]]] = []
-        self.answers = answers
 
-    def request(self, method: str, target: str, body: bytes | None = None, headers: Any = None) -> None:
-        self.sent.append((method, target, body, dict(headers or {})))
+class Recorder(ThreadingHTTPServer):
+    """HTTP/1.1 on 127.0.0.1, an ephemeral port: records every request and answers from ``answers``."""
 
-    def getresponse(self) -> FakeResponse:
-        status, doc = self.answers.pop(0)
-        return FakeResponse(status, json.dumps(doc).encode())
+    daemon_threads = True
 
-    def close(self) -> None:
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _RecordingHandler)
+        self.seen: list[Seen] = []
+        self.answers: list[Answer] = []
+        self.closed = threading.Semaphore(0)  # released once per connection the server has closed
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def shutdown_request(self, request: Any) -> None:
+        super().shutdown_request(request)
+        self.closed.release()
+
+
+class _RecordingHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Recorder
+
+    def _any(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.seen.append(Seen(self.command, self.path, dict(self.headers.items()), body,
+                                     self.client_address))
+        answer = self.server.answers.pop(0) if self.server.answers else Answer()
+        if answer.drop:
+            self.close_connection = True
+            return
+        data = json.dumps(answer.doc).encode()
+        self.send_response(answer.status)
+        self.send_header("Content-Type", "application/json; charset=UTF-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.close_connection = answer.then_close
+
+    do_GET = do_POST = do_DELETE = _any
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: the test reads ``seen``
         pass
 
 
-def verify_sent(auth: Authenticator, sent: tuple[str, str, bytes | None, dict[str, str]]) -> str:
-    method, target, body, headers = sent
-    parts = urlsplit(target)
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    server = Recorder()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+Call = Callable[..., Any]
+
+
+@pytest.fixture(params=["KVClient", "AsyncKVClient"])
+def call(request: pytest.FixtureRequest, io_loop: Any) -> Call:
+    """``call(base_url, signer, "get", "k")``: one client method on a fresh client of either kind, run to its
+    end (the async one on the test's loop): every rule below holds for both."""
+
+    def run(base_url: str, signer: Signer | None, method: str, *args: Any, **kwargs: Any) -> Any:
+        if request.param == "KVClient":
+            with KVClient(base_url, signer, timeout_s=5) as client:
+                return getattr(client, method)(*args, **kwargs)
+
+        async def go() -> Any:
+            return await getattr(AsyncKVClient(base_url, signer, timeout_s=5), method)(*args, **kwargs)
+
+        return io_loop.run_sync(go, timeout=10)
+
+    return run
+
+
+def verify_seen(auth: Authenticator, seen: Seen) -> str:
+    parts = urlsplit(seen.target)
     return auth.verify(
-        authorization=headers.get("Authorization"), method=method, host=headers["Host"], path=parts.path,
-        query=parts.query, body=body or b"",
+        authorization=seen.headers.get("Authorization"), method=seen.method, host=seen.headers["Host"],
+        path=parts.path, query=parts.query, body=seen.body,
     )
 
 
-def test_kvclient_get_sends_what_it_signed(fixed_signer: Signer, auth: Authenticator) -> None:
-    conn = FakeConnection([(200, {"key": "a b/é", "value": [1]})])
-    client = KVClient(f"http://{HOST}", fixed_signer)
-    client._conn = conn  # type: ignore[assignment]
+def test_get_sends_what_it_signed(call: Call, recorder: Recorder, fixed_signer: Signer,
+                                  auth: Authenticator) -> None:
+    recorder.answers.append(Answer(200, {"key": "a b/é", "value": [1]}))
 
-    assert client.get("a b/é") == [1]
+    assert call(recorder.url, fixed_signer, "get", "a b/é") == [1]
 
-    (sent,) = conn.sent
-    assert sent[1] == "/get?key=a%20b%2F%C3%A9"
-    assert sent[3]["Host"] == HOST
-    assert verify_sent(auth, sent) == TEST_KEY_ID
-
-
-def test_kvclient_durable_save_signs_body_and_query(fixed_signer: Signer, auth: Authenticator) -> None:
-    conn = FakeConnection([(200, {"key": "k", "saved": True})])
-    client = KVClient(f"http://{HOST}", fixed_signer)
-    client._conn = conn  # type: ignore[assignment]
-
-    assert client.save("k", {"é": None}, durable=True) == {"key": "k", "saved": True}
-
-    (sent,) = conn.sent
-    method, target, body, headers = sent
-    assert (method, target) == ("POST", "/save?durable=1")
-    assert json.loads(body or b"") == {"key": "k", "value": {"é": None}}
-    assert headers["Content-Type"] == "application/json"
-    assert verify_sent(auth, sent) == TEST_KEY_ID
+    (seen,) = recorder.seen
+    assert (seen.method, seen.target) == ("GET", "/get?key=a%20b%2F%C3%A9")
+    assert seen.headers["Host"] == urlsplit(recorder.url).netloc
+    assert verify_seen(auth, seen) == TEST_KEY_ID
 
 
-def test_kvclient_raises_the_server_error_code(fixed_signer: Signer) -> None:
-    conn = FakeConnection([(404, {"error": "not_found", "message": "No such key."})])
-    client = KVClient(f"http://{HOST}", fixed_signer)
-    client._conn = conn  # type: ignore[assignment]
+def test_durable_save_signs_body_and_query(call: Call, recorder: Recorder, fixed_signer: Signer,
+                                           auth: Authenticator) -> None:
+    recorder.answers.append(Answer(200, {"key": "k", "saved": True}))
+
+    assert call(recorder.url, fixed_signer, "save", "k", {"é": None}, durable=True) == {"key": "k", "saved": True}
+
+    (seen,) = recorder.seen
+    assert (seen.method, seen.target) == ("POST", "/save?durable=1")
+    assert json.loads(seen.body) == {"key": "k", "value": {"é": None}}
+    assert seen.headers["Content-Type"] == "application/json"
+    assert verify_seen(auth, seen) == TEST_KEY_ID
+
+
+def test_delete_sends_key_and_durable_in_the_query(call: Call, recorder: Recorder, fixed_signer: Signer,
+                                                   auth: Authenticator) -> None:
+    recorder.answers.append(Answer(200, {"key": "k", "deleted": True}))
+
+    assert call(recorder.url, fixed_signer, "delete", "k", durable=True) == {"key": "k", "deleted": True}
+
+    (seen,) = recorder.seen
+    assert (seen.method, seen.target, seen.body) == ("DELETE", "/delete?key=k&durable=1", b"")
+    assert verify_seen(auth, seen) == TEST_KEY_ID
+
+
+def test_an_error_answer_raises_the_server_code_and_body(call: Call, recorder: Recorder,
+                                                         fixed_signer: Signer) -> None:
+    doc = {"error": "version_mismatch", "message": "The key is at version 3.", "current_version": 3}
+    recorder.answers.append(Answer(412, doc))
 
     with pytest.raises(KVClientError) as info:
-        client.get("absent")
-    assert (info.value.status, info.value.code, info.value.message) == (404, "not_found", "No such key.")
+        call(recorder.url, fixed_signer, "get", "k")
+    assert (info.value.status, info.value.code, info.value.message) == (412, "version_mismatch",
+                                                                        "The key is at version 3.")
+    assert info.value.doc == doc
 
 
-def test_kvclient_ping_is_unsigned(fixed_signer: Signer) -> None:
-    conn = FakeConnection([(200, {"ping": "pong"})])
-    client = KVClient(f"http://{HOST}", fixed_signer)
-    client._conn = conn  # type: ignore[assignment]
+def test_ping_is_unsigned(call: Call, recorder: Recorder, fixed_signer: Signer) -> None:
+    recorder.answers.append(Answer(200, {"ping": "pong"}))
 
-    assert client.ping() == {"ping": "pong"}
-    assert "Authorization" not in conn.sent[0][3]
+    assert call(recorder.url, fixed_signer, "ping") == {"ping": "pong"}
+    assert "Authorization" not in recorder.seen[0].headers
 
 
-def test_kvclient_refuses_a_non_http_url() -> None:
-    with pytest.raises(ValueError, match="not an http"):
-        KVClient("ftp://example.com", None)
+@pytest.mark.parametrize("name", ["Authorization", "authorization", "AUTHORIZATION", "Host", "Content-Length",
+                                  "Transfer-Encoding"])
+@pytest.mark.parametrize("sign", [True, False], ids=["signed", "unsigned"])
+def test_a_header_the_client_owns_is_refused_before_anything_is_sent(
+    call: Call, recorder: Recorder, fixed_signer: Signer, name: str, sign: bool
+) -> None:
+    with pytest.raises(ValueError, match=f"sets the {name} header itself"):
+        call(recorder.url, fixed_signer, "request", "GET", "/authorize", headers={name: "KV-HMAC-SHA256 x"},
+             sign=sign)
+    assert recorder.seen == []
+
+
+def test_other_caller_headers_are_sent_and_may_replace_the_content_type(
+    call: Call, recorder: Recorder, fixed_signer: Signer, auth: Authenticator
+) -> None:
+    resp = call(recorder.url, fixed_signer, "request", "POST", "/save", body=b"key=k&value=v",
+                headers={"content-type": "application/x-www-form-urlencoded", "X-Request-Id": "abc-1"})
+
+    assert resp.status == 200
+    (seen,) = recorder.seen
+    assert seen.headers["X-Request-Id"] == "abc-1"
+    assert [v for k, v in seen.headers.items() if k.lower() == "content-type"] == [
+        "application/x-www-form-urlencoded"]
+    assert verify_seen(auth, seen) == TEST_KEY_ID
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com", "example.com:8888", "http://", "http://h:1/kv",
+                                 "http://h:1?x=1"])
+def test_both_clients_refuse_a_url_that_is_not_a_server_root(io_loop: Any, url: str) -> None:
+    with pytest.raises(ValueError, match="URL"):
+        KVClient(url, None)
+
+    async def make() -> None:
+        AsyncKVClient(url, None)
+
+    with pytest.raises(ValueError, match="URL"):
+        io_loop.run_sync(make)
+
+
+def test_a_connection_refused_names_the_url(call: Call) -> None:
+    with socket.socket() as taken:  # bound, never listening: a connection to it is refused
+        taken.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(KVConnectionError) as info:
+            call(url, None, "ping")
+    assert str(info.value) == f"cannot connect to {url}: Connection refused"
+    assert isinstance(info.value, OSError)
+
+
+# --- KVClient: one keep-alive connection, and a request is sent at most once ---------------------
+
+
+def test_a_keep_alive_connection_the_server_closed_is_replaced_before_sending(
+    recorder: Recorder, fixed_signer: Signer
+) -> None:
+    recorder.answers += [Answer(200, {"n": 1}, then_close=True), Answer(200, {"n": 2}), Answer(200, {"n": 3})]
+    with KVClient(recorder.url, fixed_signer, timeout_s=5) as client:
+        assert client.request("GET", "/authorize").json() == {"n": 1}
+        assert recorder.closed.acquire(timeout=5)  # the server has dropped the idle connection
+        assert client.request("GET", "/authorize").json() == {"n": 2}
+        assert client.request("GET", "/authorize").json() == {"n": 3}
+
+    first, second, third = recorder.seen
+    assert first.peer != second.peer == third.peer  # a new connection, then kept alive
+
+
+def test_a_request_that_was_sent_is_never_sent_again(recorder: Recorder, fixed_signer: Signer) -> None:
+    recorder.answers += [Answer(drop=True), Answer(200, {"n": 2})]
+    with KVClient(recorder.url, fixed_signer, timeout_s=5) as client:
+        with pytest.raises(ConnectionError):
+            client.save("k", "v")
+        assert len(recorder.seen) == 1  # not retried: the server may have acted on it
+        assert client.request("GET", "/authorize").json() == {"n": 2}  # and the client goes on
+    assert len(recorder.seen) == 2
+
+
+# --- against a real exercise 3: a body refused from its Content-Length ---------------------------
+
+MAX_BODY = 128 * 1024
+
+
+@pytest.fixture(scope="module")
+def exercise3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    folder = tmp_path_factory.mktemp("exercise3")
+    write_keys(folder / "keys" / "kv.keys", [f"{TEST_KEY_ID} {TEST_SECRET.decode()}"])
+    cfg = write_config(folder, {"server": {"max_body_bytes": MAX_BODY}})
+    with ServerProcess.start(3, cfg) as server:
+        server.wait_listening()
+        yield server
+        assert server.stop() == 0, server.lines
+
+
+def access_log_of(server: ServerProcess, action: Callable[[], Any]) -> list[str]:
+    """The server's access-log lines for what ``action`` sent (each ends with an unsigned marker request,
+    which the server logs after everything sent before it)."""
+    mark = f"/mark-{uuid.uuid4().hex}"
+    start = len(server.lines)
+    try:
+        action()
+    finally:
+        with KVClient(server.base_url, None, timeout_s=5) as c:
+            assert c.request("GET", mark, sign=False).status == 404
+        server.wait_for(re.escape(mark))
+    lines = server.lines[start:]
+    return [line for line in lines[: next(i for i, line in enumerate(lines) if mark in line)]
+            if "kvtornado.access" in line]
+
+
+# Just over the limit fits in the socket buffers, so the whole body is sent before the answer is read; 64 MiB
+# is more than Linux's TCP buffers can ever hold (tcp_rmem + tcp_wmem maxima), so that upload surely breaks
+# off midway; 3 MB is either, depending on the machine.
+BIG_VALUES = [pytest.param(MAX_BODY, id="just-over"), pytest.param(3_000_000, id="3MB"),
+              pytest.param(64 << 20, id="64MiB")]
+
+
+def assert_too_large(err: KVClientError) -> None:
+    assert (err.status, err.code) == (413, "too_large")
+    assert set(err.doc) == {"error", "message"} and err.doc["error"] == "too_large"
+    assert f"the limit is {MAX_BODY}" in err.doc["message"]
+
+
+def requests_in(lines: list[str]) -> list[str]:
+    """``["413 POST /save", ...]`` from access-log lines."""
+    return [re.sub(r" \(.*$", "", line.split("kvtornado.access: ", 1)[1]) for line in lines]
+
+
+@pytest.mark.parametrize("size", BIG_VALUES)
+def test_kvclient_raises_the_servers_413_and_uploads_once(exercise3: ServerProcess, signer: Signer,
+                                                          size: int) -> None:
+    errors: list[KVClientError] = []
+    with KVClient(exercise3.base_url, signer, timeout_s=10) as client:
+
+        def save() -> None:
+            with pytest.raises(KVClientError) as raised:
+                client.save("big", "x" * size)
+            errors.append(raised.value)
+
+        lines = access_log_of(exercise3, save)
+        assert client.ping() == {"ping": "pong"}  # the same client goes on, on a new connection
+
+    (err,) = errors
+    assert_too_large(err)
+    assert requests_in(lines) == ["413 POST /save"]
+
+
+@pytest.mark.parametrize("size", BIG_VALUES)
+def test_async_client_raises_the_servers_413_and_uploads_once(exercise3: ServerProcess, signer: Signer,
+                                                              io_loop: Any, size: int) -> None:
+    async def save() -> KVClientError:
+        with pytest.raises(KVClientError) as raised:
+            await AsyncKVClient(exercise3.base_url, signer, timeout_s=10).save("big", "x" * size)
+        return raised.value
+
+    errors: list[KVClientError] = []
+    lines = access_log_of(exercise3, lambda: errors.append(io_loop.run_sync(save, timeout=20)))
+    (err,) = errors
+    assert_too_large(err)
+    assert requests_in(lines) == ["413 POST /save"]
+
+
+def test_a_value_near_the_limit_is_saved_by_both_clients(call: Call, exercise3: ServerProcess,
+                                                         signer: Signer) -> None:
+    """Past 64 KiB AsyncKVClient sends its body after the server's ``100 Continue``; KVClient at once."""
+    value = "é" * 60_000 + "x" * 8_000  # 128 000 bytes of body: under the limit, over 64 KiB
+    assert call(exercise3.base_url, signer, "save", "near", value)["saved"] is True
+    assert call(exercise3.base_url, signer, "get", "near") == value

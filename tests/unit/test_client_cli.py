@@ -1,0 +1,239 @@
+"""``python -m kvtornado.client``: ``cli([...])`` against a real exercise 4, and the process itself for a closed
+stdout pipe. VALUE from stdin (``-``) or a file (``@path``), errors that name the URL, ``ping`` with no keys
+file, a 413 reported as the server's JSON, and ``--help`` that describes every command."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvtornado.client import KVClient, Signer, cli
+from tests.conftest import TEST_KEY_ID, TEST_SECRET, write_config, write_keys
+from tests.e2e.helpers import PROCESS_TIMEOUT_S, ROOT, ServerProcess
+from tests.unit.test_client import access_log_of, requests_in
+
+MAX_BODY = 1 << 20
+ARGV_ARG_LIMIT = 128 * 1024  # Linux's MAX_ARG_STRLEN: no single argument can be longer
+
+
+@pytest.fixture(scope="module")
+def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cli")
+    write_keys(folder / "keys" / "kv.keys", [f"{TEST_KEY_ID} {TEST_SECRET.decode()}"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exercise4(server_dir: Path) -> Iterator[ServerProcess]:
+    cfg = write_config(server_dir, {"server": {"max_body_bytes": MAX_BODY}}, name="server.yaml")
+    with ServerProcess.start(4, cfg) as server:
+        server.wait_listening()
+        yield server
+        assert server.stop() == 0, server.lines
+
+
+@pytest.fixture(scope="module")
+def config(server_dir: Path, exercise4: ServerProcess) -> Path:
+    """The client's config: the server's keys file, and its address (so most calls need no --url)."""
+    return write_config(server_dir, {"server": {"port": exercise4.port}}, name="client.yaml")
+
+
+def run(config: Path, *args: str) -> int:
+    return cli(["--config", str(config), *args])
+
+
+def out_json(capsys: pytest.CaptureFixture[str]) -> object:
+    out, err = capsys.readouterr()
+    assert err == ""
+    return json.loads(out)
+
+
+def test_save_get_delete_and_the_admin_commands(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(config, "save", "greeting", "hello wörld") == 0
+    assert out_json(capsys)["saved"] is True  # type: ignore[index]
+    assert run(config, "save", "cfg", '{"n": [1, 2.5, null]}', "--json", "--durable") == 0
+    capsys.readouterr()
+    assert run(config, "get", "greeting") == 0
+    assert out_json(capsys) == "hello wörld"
+    assert run(config, "get", "cfg") == 0
+    assert out_json(capsys) == {"n": [1, 2.5, None]}
+    assert run(config, "delete", "cfg", "--durable") == 0
+    assert out_json(capsys)["deleted"] is True  # type: ignore[index]
+    assert run(config, "authorize") == 0
+    assert out_json(capsys)["key_id"] == TEST_KEY_ID  # type: ignore[index]
+    assert run(config, "flush") == 0
+    assert isinstance(out_json(capsys)["flushed"], int)  # type: ignore[index]
+    assert run(config, "stats") == 0
+    assert "cache" in out_json(capsys)  # type: ignore[operator]
+
+
+def test_an_error_answer_is_the_servers_json_on_stderr(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(config, "get", "never-saved") == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("error: 404 {") and err.endswith("}\n")
+    assert json.loads(err.removeprefix("error: 404 "))["error"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("stdin", "args", "expected"),
+    [
+        pytest.param("two\nlines, é and trailing\n", [], "two\nlines, é and trailing\n", id="text-exactly"),
+        pytest.param('{"n": [1, "☕"]}\n', ["--json"], {"n": [1, "☕"]}, id="json"),
+        pytest.param("", [], "", id="empty"),
+    ],
+)
+def test_value_dash_reads_stdin(config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                stdin: str, args: list[str], expected: object) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
+    assert run(config, "save", "from-stdin", "-", *args) == 0
+    capsys.readouterr()
+    assert run(config, "get", "from-stdin") == 0
+    assert out_json(capsys) == expected
+
+
+def test_value_at_path_reads_a_file_longer_than_any_argument(config: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    value = ("é☕ line\n" * 40_000)[: ARGV_ARG_LIMIT + 10]
+    path = tmp_path / "value.txt"
+    path.write_text(value, encoding="utf-8")
+    assert len(value.encode()) > ARGV_ARG_LIMIT
+
+    assert run(config, "save", "from-file", f"@{path}") == 0
+    capsys.readouterr()
+    assert run(config, "get", "from-file") == 0
+    assert out_json(capsys) == value
+
+
+def test_a_value_over_the_body_limit_is_the_servers_413_uploaded_once(
+    config: Path, exercise4: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "big.txt"
+    path.write_bytes(b"x" * 3_000_000)
+    statuses: list[int] = []
+
+    lines = access_log_of(exercise4, lambda: statuses.append(run(config, "save", "big", f"@{path}")))
+
+    assert statuses == [1]
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("error: 413 {"), err
+    doc = json.loads(err.removeprefix("error: 413 "))
+    assert doc["error"] == "too_large" and f"the limit is {MAX_BODY}" in doc["message"]
+    assert requests_in(lines) == ["413 POST /save"]
+
+
+@pytest.mark.parametrize(
+    ("make_value", "message"),
+    [
+        pytest.param(lambda d: "@" + str(d / "missing.txt"), "cannot read {d}/missing.txt: No such file or directory",
+                     id="missing-file"),
+        pytest.param(lambda d: "@", "'@' needs a file name: @path", id="at-alone"),
+        pytest.param(lambda d: (d / "latin1.txt").write_bytes(b"caf\xe9") and "@" + str(d / "latin1.txt"),
+                     "VALUE from {d}/latin1.txt is not UTF-8 text", id="not-utf8"),
+    ],
+)
+def test_an_unreadable_value_is_a_usage_error(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              make_value: object, message: str) -> None:
+    assert callable(make_value)
+    assert run(config, "save", "k", make_value(tmp_path)) == 2
+    assert capsys.readouterr() == ("", f"error: {message.format(d=tmp_path)}\n")
+
+
+def test_json_that_does_not_parse_is_a_usage_error(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(config, "save", "k", "{nope", "--json") == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: VALUE is not JSON (")
+
+
+def test_ping_needs_no_keys_file(tmp_path: Path, exercise4: ServerProcess,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    no_keys = write_config(tmp_path, {"server": {"port": exercise4.port},
+                                      "auth": {"secret_file": "nowhere/kv.keys"}})
+    assert cli(["--config", str(no_keys), "ping"]) == 0  # the address from the config
+    assert out_json(capsys) == {"ping": "pong"}
+    assert cli(["--config", str(tmp_path / "no-config.yaml"), "--url", exercise4.base_url, "ping"]) == 0
+    assert out_json(capsys) == {"ping": "pong"}
+    assert not (tmp_path / "nowhere").exists()  # nothing was created for it
+
+    assert cli(["--config", str(no_keys), "authorize"]) == 2  # a signed command does need the keys
+    out, err = capsys.readouterr()
+    assert out == "" and "kv.keys: keys file not found" in err
+
+
+@pytest.mark.parametrize("args", [["ping"], ["get", "k"], ["save", "k", "v"]], ids=lambda a: a[0])
+def test_a_server_that_cannot_be_reached_is_named(config: Path, capsys: pytest.CaptureFixture[str],
+                                                  args: list[str]) -> None:
+    with socket.socket() as taken:  # bound, never listening: a connection to it is refused
+        taken.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{taken.getsockname()[1]}"
+        assert run(config, "--url", url, *args) == 1
+    assert capsys.readouterr() == ("", f"error: cannot connect to {url}: Connection refused\n")
+
+
+def indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def undocumented(help_text: str) -> list[str]:
+    """The entries of an argparse help's argument sections that have no description."""
+    missing: list[str] = []
+    lines = help_text.splitlines()
+    section = False
+    for i, line in enumerate(lines):
+        if line in ("positional arguments:", "options:", "optional arguments:"):
+            section = True
+        elif not line.strip():
+            section = False
+        elif section and indent(line) <= 4:  # an entry (a command or an argument), not a wrapped description
+            has_text = "  " in line.strip()
+            next_is_text = i + 1 < len(lines) and indent(lines[i + 1]) > 4
+            if not (has_text or next_is_text):
+                missing.append(line.strip())
+    return missing
+
+
+COMMANDS = ["ping", "authorize", "save", "get", "delete", "flush", "stats"]
+
+
+def test_help_describes_every_command_and_argument(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli(["--help"])
+    assert done.value.code == 0
+    top = capsys.readouterr().out
+    assert undocumented(top) == []
+    for name in COMMANDS:
+        assert any(line.split()[:1] == [name] and len(line.split()) > 1 for line in top.splitlines()), name
+    assert "'-' reads it from stdin" in top and "'@path' from a file" in top
+
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as done:
+            cli([name, "--help"])
+        assert done.value.code == 0
+        text = capsys.readouterr().out
+        assert undocumented(text) == [], (name, text)
+        assert text.split("\n\n")[1].strip(), text  # the command's own description
+
+
+def test_a_closed_stdout_pipe_ends_quietly(config: Path, exercise4: ServerProcess) -> None:
+    """``... get k | head -c1``: the reader is gone before anything is written (made certain here by closing
+    the pipe's read end first); the client stops with status 1 and writes nothing to stderr."""
+    with KVClient(exercise4.base_url, Signer(TEST_KEY_ID, TEST_SECRET)) as c:
+        c.save("piped", "x" * 100_000)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "kvtornado.client", "--config", str(config), "get", "piped"],
+                              cwd=ROOT, stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=PROCESS_TIMEOUT_S)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (1, "")
