@@ -7,6 +7,8 @@ exactly as sent avoids the canonicalisation and re-serialisation pitfalls of oth
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import hashlib
 import heapq
 import hmac
@@ -17,6 +19,7 @@ import secrets
 import stat
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,6 +247,14 @@ class NonceStore:
     def __len__(self) -> int:
         return len(self._seen)
 
+    def entries(self) -> list[tuple[int, str, str]]:
+        """Every remembered ``(ts, key_id, nonce)``."""
+        out = []
+        for entry, ts in self._seen.items():
+            key_id, nonce = entry.split(" ", 1)
+            out.append((ts, key_id, nonce))
+        return out
+
     def below_floor(self, ts: int) -> bool:
         return self.floor is not None and ts <= self.floor
 
@@ -277,8 +288,132 @@ class NonceStore:
             bucket.append(entry)
 
 
+Entry = tuple[int, str, str]  # (ts, key_id, nonce)
+
+
+class NonceJournal:
+    """The nonce store across restarts (SPEC §4), in one file beside the keys file.
+
+    - A graceful stop writes every nonce still inside the window, then a last line ``clean``; the next start
+      loads them all, so a request accepted before the stop is refused as ``replayed_nonce`` after it.
+    - After a ``kill -9`` there is no ``clean`` line, so the next start refuses every request dated at or
+      before its start-up second (``stale_timestamp``, with ``X-KV-Server-Time``: the client signs anew).
+      That leaves the requests dated later than that second, which only a client whose clock runs ahead
+      sends: their nonces are appended here (fsync'd, on a thread of its own) before they are served, and
+      loaded at start-up. So no request is ever accepted twice, after either kind of stop.
+    A torn last line (a crash mid-append) is skipped. An entry dated at or before the current second is never
+    needed again after a crash (any later start-up's floor covers it), so compaction drops those. One process
+    a journal: ``open`` takes an exclusive ``flock`` on ``<path>.lock`` first (the kernel drops it at exit).
+    """
+
+    COMPACT_EVERY = 10_000  # appends between rewrites that drop the entries a floor would cover
+    CLEAN = "clean"
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.clock = clock
+        self._ahead: list[Entry] = []  # the appended entries a start after a crash may still need
+        self._appends = 0
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-nonce-journal")
+
+    def _take_lock(self) -> None:
+        lock = self.path.with_name(self.path.name + ".lock")
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"{lock}: cannot open the nonce journal's lock file ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(f"{self.path}: another server is using this nonce journal (it holds {lock.name}); "
+                              "stop it first") from None
+        self._lock_fd = fd
+
+    def open(self) -> tuple[list[Entry], bool]:
+        """Read what an earlier process left: ``(entries, clean)``; then start the file anew for this one.
+        Runs before serving (start-up, not on the event loop)."""
+        self._take_lock()
+        try:
+            text = self.path.read_text(encoding="ascii", errors="replace")
+        except FileNotFoundError:
+            text = self.CLEAN  # a first start: no earlier process accepted anything here
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: cannot read the nonce journal ({exc.strerror})") from None
+        lines = [line for line in text.split("\n") if line]
+        clean = bool(lines) and lines[-1] == self.CLEAN
+        entries: list[Entry] = []
+        for line in lines:
+            parts = line.split(" ")
+            if (len(parts) == 3 and TS_RE.fullmatch(parts[0]) and KEY_ID_RE.fullmatch(parts[1])
+                    and NONCE_RE.fullmatch(parts[2])):
+                entries.append((int(parts[0]), parts[1], parts[2]))
+        now_s = int(self.clock())
+        self._ahead = [e for e in entries if e[0] > now_s]
+        try:
+            self._rewrite(self._ahead, clean=False)
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: cannot write the nonce journal ({exc.strerror})") from None
+        return entries, clean
+
+    def _rewrite(self, entries: list[Entry], *, clean: bool) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        text = "".join(f"{ts} {k} {n}\n" for ts, k, n in entries) + (self.CLEAN + "\n" if clean else "")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, text.encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if not clean:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+
+    def _append(self, entry: Entry) -> None:
+        self._ahead.append(entry)
+        self._appends += 1
+        if self._appends >= self.COMPACT_EVERY:
+            now_s = int(self.clock())
+            self._ahead = [e for e in self._ahead if e[0] > now_s]
+            self._appends = 0
+            self._rewrite(self._ahead, clean=False)
+            return
+        assert self._fd is not None
+        os.write(self._fd, "{} {} {}\n".format(*entry).encode("ascii"))
+        os.fsync(self._fd)
+
+    async def record(self, key_id: str, nonce: str, ts: int) -> None:
+        """Append one entry and fsync, off the event loop; ``OSError`` when the disk refuses."""
+        await asyncio.get_running_loop().run_in_executor(self._io, self._append, (ts, key_id, nonce))
+
+    def close(self, entries: list[Entry] | None = None) -> None:
+        """Stop; with ``entries`` (a graceful stop: every nonce still in the window), write them and ``clean``."""
+        self._io.shutdown(wait=True)
+        try:
+            if entries is not None:
+                self._rewrite(entries, clean=True)
+        finally:
+            for attr in ("_fd", "_lock_fd"):
+                fd = getattr(self, attr)
+                if fd is not None:
+                    os.close(fd)
+                    setattr(self, attr, None)
+
+
 class Authenticator:
-    """Verifies ``KV-HMAC-SHA256`` requests in the order of SPEC §4; the clock is injectable."""
+    """Verifies ``KV-HMAC-SHA256`` requests in the order of SPEC §4; the clock is injectable.
+
+    ``started_s`` (the start-up second after an unclean stop) refuses every request dated at or before it as
+    ``stale_timestamp``: whatever was accepted before a ``kill -9`` cannot be replayed after it. ``journal``
+    keeps the nonces of requests dated later than the current second (see ``NonceJournal``); ``authenticate``
+    records them there before the request is served.
+    """
 
     def __init__(
         self,
@@ -288,12 +423,41 @@ class Authenticator:
         max_nonces: int = 1_000_000,
         public_host: str | None = None,
         clock: Callable[[], float] = time.time,
+        started_s: int | None = None,
+        journal: NonceJournal | None = None,
     ) -> None:
         self.keys = dict(keys)
         self.max_skew_s = max_skew_s
         self.public_host = public_host.lower() if public_host else None
         self.clock = clock
+        self.started_s = started_s
+        self.journal = journal
         self.nonces = NonceStore(max_entries=max_nonces, max_skew_s=max_skew_s)
+
+    def restore(self, entries: list[Entry], *, clean: bool) -> None:
+        """Take in what the journal kept from before a restart; after an unclean stop, refuse from now on every
+        request dated at or before the current second."""
+        if not clean:
+            self.started_s = int(self.clock())
+        self.remember(entries)
+
+    def remember(self, entries: list[Entry]) -> None:
+        """Take in ``(ts, key_id, nonce)`` entries (those outside the window are dropped as they come)."""
+        now = self.clock()
+        for ts, key_id, nonce in entries:
+            if abs(now - ts) <= self.max_skew_s and not self.nonces.seen(key_id, nonce):
+                self.nonces.add(key_id, nonce, ts, now)
+
+    async def authenticate(
+        self, *, authorization: str | None, method: str, host: str, path: str, query: str, body: bytes
+    ) -> str:
+        """``verify``, and for a request dated ahead of the current second, its nonce on disk before the answer
+        (``AuthError``s as ``verify``; ``OSError`` when the journal cannot be written: the request is refused)."""
+        params = self._verify(authorization=authorization, method=method, host=host, path=path, query=query,
+                              body=body, now=None)
+        if self.journal is not None and params.ts > int(self.clock()):
+            await self.journal.record(params.key_id, params.nonce, params.ts)
+        return params.key_id
 
     def verify(
         self,
@@ -307,6 +471,13 @@ class Authenticator:
         now: float | None = None,
     ) -> str:
         """Return the key id of a valid request, or raise ``AuthError`` with its SPEC §4 code."""
+        return self._verify(authorization=authorization, method=method, host=host, path=path, query=query,
+                            body=body, now=now).key_id
+
+    def _verify(
+        self, *, authorization: str | None, method: str, host: str, path: str, query: str, body: bytes,
+        now: float | None,
+    ) -> AuthParams:
         params = parse_authorization(authorization)
         secret = self.keys.get(params.key_id)
         if secret is None:
@@ -324,6 +495,12 @@ class Authenticator:
                 f"The timestamp is outside the accepted window of {self.max_skew_s} s; see X-KV-Server-Time.",
                 headers={"X-KV-Server-Time": str(int(now))},
             )
+        if self.started_s is not None and params.ts <= self.started_s:
+            raise AuthError(
+                "stale_timestamp",
+                "The server restarted after this request was signed; sign it anew (see X-KV-Server-Time).",
+                headers={"X-KV-Server-Time": str(int(now))},
+            )
         if self.nonces.below_floor(params.ts):
             raise AuthError(
                 "stale_timestamp",
@@ -333,4 +510,4 @@ class Authenticator:
         if self.nonces.seen(params.key_id, params.nonce):
             raise AuthError("replayed_nonce", "This nonce has been used already; sign each request anew.")
         self.nonces.add(params.key_id, params.nonce, params.ts, now)
-        return params.key_id
+        return params

@@ -83,10 +83,11 @@ class Signer:
     clock: Callable[[], float] = time.time
     nonce: Callable[[], str] = new_nonce
 
-    def authorization(self, method: str, host: str, path: str, query: str, body: bytes) -> str:
+    def authorization(self, method: str, host: str, path: str, query: str, body: bytes, *,
+                      ts: int | None = None) -> str:
         return sign_request(
             self.secret, key_id=self.key_id, method=method, host=host, path=path, query=query, body=body,
-            ts=int(self.clock()), nonce=self.nonce(),
+            ts=int(self.clock()) if ts is None else ts, nonce=self.nonce(),
         )
 
 
@@ -168,6 +169,7 @@ class _ClientCore:
     def build(
         self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: bytes = b"",
         content_type: str | None = None, headers: Mapping[str, str] | None = None, sign: bool = True,
+        ts: int | None = None,
     ) -> Request:
         """The request to send: query encoded once (that text is both sent and signed), headers, signature."""
         query = encode_query(params)
@@ -182,8 +184,26 @@ class _ClientCore:
                 del hdrs[own]
             hdrs[name] = value
         if sign and self.signer is not None:
-            hdrs["Authorization"] = self.signer.authorization(method, self.host_header, path, query, body)
+            hdrs["Authorization"] = self.signer.authorization(method, self.host_header, path, query, body, ts=ts)
         return Request(method, path, query, hdrs, body)
+
+    @staticmethod
+    def resign_at(req: Request, resp: Response) -> int | None:
+        """The timestamp to sign a refused request anew with, or None when it is not to be sent again.
+
+        A ``stale_timestamp`` refusal carries the server's clock in ``X-KV-Server-Time``: the request was not
+        served (a clock too far off, or signed before the server restarted), so it is signed once more just
+        after that time, with a fresh nonce. Nothing else is ever sent twice."""
+        if resp.status != 401 or "Authorization" not in req.headers:
+            return None
+        server_time = next((v for k, v in resp.headers.items() if k.lower() == "x-kv-server-time"), None)
+        if server_time is None or not server_time.isdigit():
+            return None
+        try:
+            code = json.loads(resp.body).get("error")
+        except (ValueError, AttributeError):
+            return None
+        return int(server_time) + 1 if code == "stale_timestamp" else None
 
     # The endpoints, once: each client method is ``self._call(<one of these>)``.
 
@@ -256,9 +276,16 @@ class KVClient(_ClientCore):
         self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: bytes = b"",
         content_type: str | None = None, headers: Mapping[str, str] | None = None, sign: bool = True,
     ) -> Response:
-        """Send one request (built and signed by ``build``) and return the answer, whatever its status."""
+        """Send one request (built and signed by ``build``) and return the answer, whatever its status; a
+        ``stale_timestamp`` refusal is signed anew once at the server's time (``resign_at``)."""
+        req = self.build(method, path, params=params, body=body, content_type=content_type, headers=headers,
+                         sign=sign)
+        resp = self._send(req)
+        ts = self.resign_at(req, resp)
+        if ts is None:
+            return resp
         return self._send(self.build(method, path, params=params, body=body, content_type=content_type,
-                                     headers=headers, sign=sign))
+                                     headers=headers, sign=sign, ts=ts))
 
     def _send(self, req: Request) -> Response:
         conn = self._conn
@@ -338,9 +365,16 @@ class AsyncKVClient(_ClientCore):
         self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: bytes = b"",
         content_type: str | None = None, headers: Mapping[str, str] | None = None, sign: bool = True,
     ) -> Response:
-        """Send one request (built and signed by ``build``) and return the answer, whatever its status."""
+        """Send one request (built and signed by ``build``) and return the answer, whatever its status; a
+        ``stale_timestamp`` refusal is signed anew once at the server's time (``resign_at``)."""
+        req = self.build(method, path, params=params, body=body, content_type=content_type, headers=headers,
+                         sign=sign)
+        resp = await self._send(req)
+        ts = self.resign_at(req, resp)
+        if ts is None:
+            return resp
         return await self._send(self.build(method, path, params=params, body=body, content_type=content_type,
-                                           headers=headers, sign=sign))
+                                           headers=headers, sign=sign, ts=ts))
 
     async def _send(self, req: Request) -> Response:
         try:

@@ -165,7 +165,7 @@ class BaseHandler(RequestHandler):
             if self.svc.stopping:
                 raise Overloaded("The server is shutting down.")
             if self.auth_required:
-                self.key_id = self._authenticate()
+                self.key_id = await self._authenticate()
             impl: Callable[[], Awaitable[None]] | None = getattr(self, "do_" + self.request.method.lower(), None)
             if impl is None:
                 raise MethodNotAllowed(f"{self.request.method} is not allowed on {self.request.path}.",
@@ -193,19 +193,23 @@ class BaseHandler(RequestHandler):
                 raise BadRequest(f"{name} is not supported: the signature does not cover headers; "
                                  "put the condition in the query as ?if_version=N.")
 
-    def _authenticate(self) -> str:
+    async def _authenticate(self) -> str:
         assert self.svc.authenticator is not None
         req = self.request
         # SPEC §4: path and query exactly as on the request line, still percent-encoded.
         path, _, query = req.uri.partition("?") if req.uri else ("", "", "")
-        return self.svc.authenticator.verify(
-            authorization=req.headers.get("Authorization"),
-            method=req.method or "",
-            host=req.headers.get("Host", ""),
-            path=path,
-            query=query,
-            body=self.body,
-        )
+        try:
+            return await self.svc.authenticator.authenticate(
+                authorization=req.headers.get("Authorization"),
+                method=req.method or "",
+                host=req.headers.get("Host", ""),
+                path=path,
+                query=query,
+                body=self.body,
+            )
+        except OSError as exc:  # the nonce journal could not be written: the request is not served
+            log.warning("cannot record a nonce in the journal: %s", exc.strerror or exc)
+            raise Overloaded("The server cannot record this request's nonce right now; retry shortly.") from None
 
     # -- responses -------------------------------------------------------------------------------
 

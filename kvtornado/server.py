@@ -21,7 +21,7 @@ from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 from kvtornado.app import make_app
-from kvtornado.auth import Authenticator, load_keys
+from kvtornado.auth import Authenticator, NonceJournal, load_keys
 from kvtornado.cache import WriteBehindCache
 from kvtornado.config import Config, ServerConfig, load_config
 from kvtornado.errors import ConfigError, StorageError
@@ -99,6 +99,13 @@ def build_http_server(app: Application, server: ServerConfig | None = None) -> K
     )
 
 
+def nonce_journal_path(cfg: Config, exercise: int) -> Path:
+    """Beside the database for exercises 3 and 4 (``kv.sqlite3.nonces``: one server a database, one journal a
+    server); exercise 2 has no database, so beside its keys file (``kv.keys.nonces``)."""
+    beside = cfg.storage.path if exercise >= 3 else cfg.auth.secret_file
+    return beside.with_name(beside.name + ".nonces")
+
+
 def parse_args(argv: list[str], *, exercise: int, default_config: Path) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"exercise{exercise}.py", description=f"kvtornado, exercise {exercise}")
     p.add_argument("--config", type=Path, default=default_config, help="config file (default: %(default)s)")
@@ -132,18 +139,22 @@ def main(argv: list[str], *, exercise: int, default_config: Path) -> int:
     try:
         cfg = _with_overrides(load_config(args.config), args.host, args.port)
         authenticator = None
+        journal = None
         if exercise >= 2:
             keys = load_keys(cfg.auth.secret_file)
+            journal = NonceJournal(nonce_journal_path(cfg, exercise))  # opened by _serve, once the store is
             authenticator = Authenticator(
                 keys, max_skew_s=cfg.auth.max_skew_s, max_nonces=cfg.auth.max_nonces,
-                public_host=cfg.auth.public_host,
+                public_host=cfg.auth.public_host, journal=journal,
             )
     except ConfigError as exc:
         # SPEC §3: the refusal is the one line itself, starting with the file it is about.
         print(exc, file=sys.stderr)
         return 2
+    served = False
     try:
         status = asyncio.run(_serve(cfg, exercise, authenticator))
+        served = True
     except (ConfigError, StorageError) as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -153,6 +164,13 @@ def main(argv: list[str], *, exercise: int, default_config: Path) -> int:
     except KeyboardInterrupt:  # Ctrl-C before the loop took over SIGINT: nothing was served, nothing to flush
         log.info("interrupted during start-up")
         return 0
+    finally:
+        if journal is not None and authenticator is not None:
+            # A graceful stop keeps every nonce still in the window; any other end leaves the journal unclean.
+            try:
+                journal.close(authenticator.nonces.entries() if served else None)
+            except OSError as exc:  # the next start then takes it as unclean: refusing, never replaying
+                log.error("cannot save the nonces to %s (%s)", journal.path, exc.strerror)
     if status == EXIT_UNFLUSHED:
         # The writer thread may still be inside sqlite's busy wait (up to 5 s), and the interpreter would join
         # it at exit, running past shutdown_timeout_s. Nothing more can be committed: leave now. sqlite's WAL
@@ -184,6 +202,14 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
         await cache.start()
         kv = cache
     try:
+        if authenticator is not None and authenticator.journal is not None:
+            # SPEC §4 "Across restarts": the nonces an earlier process accepted come back from the journal;
+            # after an unclean stop, nothing dated at or before this second is accepted either.
+            kept, clean = await asyncio.to_thread(authenticator.journal.open)
+            authenticator.restore(kept, clean=clean)
+            if not clean:
+                log.info("no clean stop recorded in %s: requests signed before now are refused",
+                         authenticator.journal.path)
         app = make_app(cfg, authenticator=authenticator, kv=kv, admin=exercise >= 4)
         svc: Service = app.settings["kv_service"]
         server = build_http_server(app, cfg.server)

@@ -8,10 +8,12 @@ second sqlite connection holding the write lock makes flushes fail without losin
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
 import signal
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -22,9 +24,9 @@ import pytest
 from tornado.ioloop import IOLoop
 from tornado.web import Application
 
-from kvtornado.client import AsyncKVClient, KVClientError, Signer
+from kvtornado.client import AsyncKVClient, KVClient, KVClientError, Signer
 from kvtornado.config import Config
-from tests.conftest import write_config
+from tests.conftest import TEST_KEY_ID, TEST_SECRET, write_config
 from tests.e2e.cache_helpers import (
     CacheApp,
     Exercise4,
@@ -37,6 +39,7 @@ from tests.e2e.cache_helpers import (
     stored,
     write_lock,
 )
+from tests.e2e.helpers import PROCESS_TIMEOUT_S, ServerProcess
 
 gen_test = pytest.mark.gen_test(timeout=30)
 
@@ -414,3 +417,53 @@ def test_kill_9_during_an_outage_loses_nothing_acknowledged_after_the_failure(
     rows = db_rows(db)
     assert rows.get("before") == stored("committed")
     assert set(rows) <= {"before", "early"}
+
+
+# --- replays across restarts (SPEC §4) -------------------------------------------------------------------
+
+
+def _send_raw(port: int, authorization: str, path: str = "/authorize") -> tuple[int, dict[str, Any]]:
+    """Exactly these bytes, as a captured request would be replayed (no client re-signs it)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=PROCESS_TIMEOUT_S)
+    try:
+        conn.request("GET", path, headers={"Host": f"127.0.0.1:{port}", "Authorization": authorization})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("exercise", [2, 4])
+@pytest.mark.parametrize("stop", ["SIGTERM", "kill -9"])
+def test_a_request_accepted_before_a_restart_is_refused_after_it(
+    tmp_path: Path, keys_file: Path, exercise: int, stop: str
+) -> None:
+    config = write_config(tmp_path, name="replay.yaml")
+    signer = Signer(TEST_KEY_ID, TEST_SECRET)
+    with ServerProcess.start(exercise, config) as srv:
+        port = srv.wait_listening()
+        host = f"127.0.0.1:{port}"
+        now_s = int(time.time())
+        captured = {
+            "now": signer.authorization("GET", host, "/authorize", "", b""),
+            # a client whose clock runs 120 s ahead: still inside the window after the restart
+            "ahead": signer.authorization("GET", host, "/authorize", "", b"", ts=now_s + 120),
+        }
+        for authorization in captured.values():
+            assert _send_raw(port, authorization)[0] == 200
+        if stop == "SIGTERM":
+            assert srv.stop() == 0, srv.lines
+        else:
+            srv.proc.kill()
+            srv.proc.wait(timeout=PROCESS_TIMEOUT_S)
+    with ServerProcess.start(exercise, config, "--port", str(port)) as again:
+        assert again.wait_listening() == port
+        for name, authorization in captured.items():
+            status, doc = _send_raw(port, authorization)
+            assert status == 401 and doc["error"] in ("replayed_nonce", "stale_timestamp"), (name, doc)
+        # The one a future-dated clock signed is refused by its nonce, whatever kind of stop it was.
+        assert _send_raw(port, captured["ahead"])[1]["error"] == "replayed_nonce"
+        # A client that signs anew gets in (the project client re-signs a stale_timestamp by itself).
+        with KVClient(again.base_url, signer) as c:
+            assert c.authorize()["key_id"] == TEST_KEY_ID
+        assert again.stop() == 0, again.lines

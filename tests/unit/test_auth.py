@@ -15,6 +15,7 @@ from kvtornado.auth import (
     EMPTY_BODY_SHA256,
     Authenticator,
     AuthParams,
+    NonceJournal,
     NonceStore,
     authorization_header,
     body_sha256,
@@ -556,3 +557,109 @@ def test_secret_of_exactly_32_characters_is_enough() -> None:
 def test_secret_is_used_as_its_ascii_bytes() -> None:
     keys = parse_keys("k1 " + "a" * 64, label="x")
     assert signature(keys["k1"], "msg") == signature(TEST_SECRET, "msg")
+
+
+# --- across restarts: the start-up floor and the nonce journal --------------------------------------------
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_after_an_unclean_stop_nothing_signed_at_or_before_the_start_up_second_is_accepted() -> None:
+    a = Authenticator({TEST_KEY_ID: TEST_SECRET}, max_skew_s=SKEW_S, clock=lambda: NOW + 0.9)
+    a.restore([], clean=False)
+    for ts in (NOW - 10, NOW):
+        err = auth_error(a, **signed(ts=ts))
+        assert err.code == "stale_timestamp"
+        assert err.headers["X-KV-Server-Time"] == str(NOW)
+    assert a.verify(**signed(ts=NOW + 1)) == TEST_KEY_ID  # signed anew after that second: judged as usual
+
+
+def test_after_a_clean_stop_there_is_no_floor_and_the_kept_nonces_are_refused() -> None:
+    a = Authenticator({TEST_KEY_ID: TEST_SECRET}, max_skew_s=SKEW_S, clock=lambda: NOW)
+    kept = [(NOW - 5, TEST_KEY_ID, "a" * 16), (NOW - SKEW_S - 1, TEST_KEY_ID, "b" * 16)]
+    a.restore(kept, clean=True)
+    assert auth_error(a, **signed(ts=NOW - 5, nonce="a" * 16)).code == "replayed_nonce"
+    assert a.verify(**signed(ts=NOW - 5, nonce="c" * 16)) == TEST_KEY_ID  # same second, new nonce: fine
+    assert len(a.nonces) == 2  # the entry outside the window was not taken in
+
+
+def test_journal_first_start_is_clean_and_a_crash_leaves_it_unclean(tmp_path: Path) -> None:
+    path = tmp_path / "j" / "kv.nonces"
+    j = NonceJournal(path, clock=lambda: NOW)
+    assert j.open() == ([], True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    j.close(None)  # as after a crash: no clean line
+    again = NonceJournal(path, clock=lambda: NOW)
+    assert again.open() == ([], False)
+    again.close([(NOW, "k1", "a" * 16)])  # a graceful stop
+    third = NonceJournal(path, clock=lambda: NOW)
+    assert third.open() == ([(NOW, "k1", "a" * 16)], True)
+    third.close(None)
+
+
+@pytest.mark.gen_test
+async def test_journal_keeps_what_it_recorded_through_a_crash_and_skips_a_torn_line(tmp_path: Path) -> None:
+    path = tmp_path / "kv.nonces"
+    j = NonceJournal(path, clock=lambda: NOW)
+    j.open()
+    await j.record("k1", "a" * 16, NOW + 100)
+    await j.record("k1", "b" * 16, NOW + 200)
+    with path.open("a", encoding="ascii") as f:
+        f.write(f"{NOW + 300} k1 cccc")  # cut short by the crash
+    j.close(None)  # the process died: nothing more is written
+    later = NonceJournal(path, clock=lambda: NOW + 150)  # restarted 150 s later
+    entries, clean = later.open()
+    assert not clean
+    assert entries == [(NOW + 100, "k1", "a" * 16), (NOW + 200, "k1", "b" * 16)]
+    later.close(None)
+    # Reopening rewrote the file with only what a later floor would not cover (dated after NOW + 150).
+    assert path.read_text(encoding="ascii") == f"{NOW + 200} k1 {'b' * 16}\n"
+
+
+@pytest.mark.gen_test
+async def test_journal_compaction_drops_what_the_floor_covers(tmp_path: Path) -> None:
+    path = tmp_path / "kv.nonces"
+    clock = Clock(NOW)
+    j = NonceJournal(path, clock=clock)
+    j.COMPACT_EVERY = 3
+    j.open()
+    await j.record("k1", "a" * 16, NOW + 1)
+    await j.record("k1", "b" * 16, NOW + 50)
+    clock.now = NOW + 10
+    await j.record("k1", "c" * 16, NOW + 60)  # the third append compacts: NOW + 1 is covered by now
+    assert path.read_text(encoding="ascii").split() == ["1700000050", "k1", "b" * 16, "1700000060", "k1", "c" * 16]
+    j.close(None)
+
+
+def test_one_process_a_journal(tmp_path: Path) -> None:
+    path = tmp_path / "kv.nonces"
+    first = NonceJournal(path)
+    first.open()
+    with pytest.raises(ConfigError, match="another server is using this nonce journal"):
+        NonceJournal(path).open()
+    first.close(None)
+    second = NonceJournal(path)
+    second.open()
+    second.close(None)
+
+
+@pytest.mark.gen_test
+async def test_authenticate_journals_only_requests_dated_ahead_of_the_clock(tmp_path: Path) -> None:
+    path = tmp_path / "kv.nonces"
+    journal = NonceJournal(path, clock=lambda: NOW)
+    journal.open()
+    a = Authenticator({TEST_KEY_ID: TEST_SECRET}, max_skew_s=SKEW_S, clock=lambda: NOW + 0.5, journal=journal)
+    assert await a.authenticate(**signed(ts=NOW, nonce="p" * 16)) == TEST_KEY_ID
+    assert await a.authenticate(**signed(ts=NOW - 100, nonce="q" * 16)) == TEST_KEY_ID
+    assert path.read_text(encoding="ascii") == ""  # nothing ahead of the current second: nothing written
+    assert await a.authenticate(**signed(ts=NOW + 1, nonce="r" * 16)) == TEST_KEY_ID
+    assert path.read_text(encoding="ascii") == f"{NOW + 1} {TEST_KEY_ID} {'r' * 16}\n"
+    with pytest.raises(AuthError):
+        await a.authenticate(**signed(ts=NOW + 1, nonce="r" * 16))
+    journal.close(None)
