@@ -61,11 +61,9 @@ class KVHTTPServer(HTTPServer):
         super().initialize(*args, **kwargs)
         self.max_connections = max_connections
         self.open_connections = 0
-        self.refused_connections = 0
 
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         if self.open_connections >= self.max_connections:
-            self.refused_connections += 1
             IOLoop.current().spawn_callback(self._refuse, stream)
             return
         self.open_connections += 1
