@@ -1,6 +1,7 @@
 # Two commands on a fresh clone: `make run` and `make test`. Both create .venv when needed.
+# One venv per Python: `make test PYTHON=python3.12 VENV=.venv-3.12` (what .ci/run does for each).
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.requirements-installed
 
@@ -8,6 +9,8 @@ STAMP  := $(VENV)/.requirements-installed
 
 $(STAMP): requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# git (so make dist and ruff) never sees a venv, whatever its name (.venv-3.12 ...)
+	@test -f $(VENV)/.gitignore || echo '*' > $(VENV)/.gitignore
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	@touch $(STAMP)
 
@@ -30,7 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-3.* .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
 # The ZIP to hand in: dist/kvtornado-<version>.zip (sources only; stdlib, no venv needed)
 dist:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tornado.ioloop import IOLoop
 
 from kvtornado.auth import Authenticator
 from kvtornado.client import Signer
@@ -40,6 +42,31 @@ def write_config(folder: Path, sections: dict[str, Any] | None = None, name: str
     path = folder / name
     path.write_text(yaml.safe_dump(doc), encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def io_loop() -> Iterator[IOLoop]:
+    """Replaces pytest-tornado 0.8.1's ``io_loop`` (which every ``gen_test`` and ``http_server`` takes).
+
+    Its fixture calls ``IOLoop.make_current()``, which on 3.12+ asks asyncio for a current loop that no
+    one set ("There is no current event loop"). This one does what tornado's own ``AsyncTestCase`` does:
+    an IOLoop on a fresh asyncio loop, set as the current loop for the test, and closed after it.
+    """
+    loop = IOLoop(make_current=False)
+    asyncio_loop: asyncio.AbstractEventLoop = loop.asyncio_loop  # type: ignore[attr-defined]
+    asyncio.set_event_loop(asyncio_loop)
+    try:
+        yield loop
+    finally:
+        # Tasks a failed test left pending are cancelled and run to their end, as AsyncTestCase does,
+        # so none is destroyed pending when the loop closes.
+        pending = [t for t in asyncio.all_tasks(asyncio_loop) if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_sync(lambda: asyncio.wait(pending))
+        asyncio.set_event_loop(None)
+        loop.close(all_fds=True)
 
 
 @pytest.fixture

@@ -30,8 +30,12 @@ FORBIDDEN_SUFFIXES = (".pyc", ".keys", ".sqlite3", ".sqlite3-wal", ".sqlite3-shm
 
 
 def _env() -> dict[str, str]:
-    """The current environment without anything that would point Python or pytest back at this checkout."""
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("PYTEST_")}
+    """The current environment without anything that would point Python or pytest back at this checkout,
+    and with warnings as errors, as in this suite: the unpacked pytest adds the unpacked pyproject.toml's
+    filters on top (the same file as here), and the unpacked exercise fails on a warning instead of printing it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("PYTEST_")}
+    env["PYTHONWARNINGS"] = "error"
+    return env
 
 
 def make_dist(out: Path, *args: str, cwd: Path = ROOT) -> Path:
