@@ -121,7 +121,11 @@ class SqliteStore:
     async def open(self) -> None:
         """Create the folder, the file and the schema; open both connections on their threads."""
         await self._run(self._writer, self._open_writer)
-        await self._run(self._reader, self._open_reader)
+        try:
+            await self._run(self._reader, self._open_reader)
+        except BaseException:
+            await self.close()  # the writer's connection and the lock are not left behind
+            raise
 
     def _open_writer(self) -> None:
         try:
