@@ -61,9 +61,13 @@ def json_bytes(obj: Any) -> bytes:
     return codec.compact_json(obj).encode("utf-8")
 
 
-def _framing_error(content_length: str | None, transfer_encoding: str | None) -> str | None:
+def _framing_error(content_length: str | None, transfer_encoding: str | None, version: str = "HTTP/1.1") -> str | None:
     """Why the body's framing is unusable (the cases Tornado refuses with a bare 400), or None."""
     if transfer_encoding is not None:
+        if version == "HTTP/1.0":
+            # RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing (1.0 has no chunking,
+            # so an intermediary may frame it differently): refused, and the connection closed.
+            return "Transfer-Encoding is not allowed in an HTTP/1.0 request."
         if content_length is not None:
             return "A request must not have both Content-Length and Transfer-Encoding."
         if transfer_encoding.strip().lower() != "chunked":
@@ -110,7 +114,7 @@ class BaseHandler(RequestHandler):
         headers = self.request.headers
         limit = self.svc.config.server.max_body_bytes
         announced = headers.get("Content-Length")
-        framing = _framing_error(announced, headers.get("Transfer-Encoding"))
+        framing = _framing_error(announced, headers.get("Transfer-Encoding"), self.request.version)
         if framing is not None:
             # Tornado would answer these with a bare 400 after us; with the framing headers gone it reads
             # no body and closes the connection once our JSON answer is written.

@@ -252,10 +252,10 @@ FRAMING_ERRORS = {
 }
 
 
-async def pipelined_behind_framing_error(port: int, framing: str, hidden: bytes) -> list[Reply]:
+async def pipelined_behind_framing_error(port: int, framing: str, hidden: bytes, version: str = "1.1") -> list[Reply]:
     """``POST /ping`` with a framing error and ``hidden`` (a whole request) right behind it, in one write;
     every answer read until the server closes the connection."""
-    head = f"POST /ping HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{framing}\r\n\r\n".encode("latin-1")
+    head = f"POST /ping HTTP/{version}\r\nHost: 127.0.0.1:{port}\r\n{framing}\r\n\r\n".encode("latin-1")
     replies: list[Reply] = []
     async with RawConnection(port) as conn:
         await conn.send(head + hidden)

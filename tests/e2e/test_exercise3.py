@@ -547,6 +547,23 @@ async def test_a_request_smuggled_behind_a_framing_error_is_never_executed(
 
 
 @pytest.mark.gen_test
+async def test_transfer_encoding_in_http_1_0_is_a_framing_error(
+    http_server: Any, http_port: int, kv: AsyncKVClient, signer: Signer
+) -> None:
+    # RFC 9112 §6.1: a 1.0 message with Transfer-Encoding is faulty framing, even a well-formed chunked one.
+    await kv.save("victim", "still here")
+    host = f"127.0.0.1:{http_port}"
+    hidden = raw_head("DELETE", "/delete?key=victim", {
+        "Host": host, "Authorization": signer.authorization("DELETE", host, "/delete", "key=victim", b""),
+    })
+    framing = "Connection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0"  # an empty chunked body
+    replies = await pipelined_behind_framing_error(http_port, framing, hidden, version="1.0")
+    assert [r.status for r in replies] == [400], replies
+    assert_error(replies[0], 400, "bad_request")
+    assert await kv.get("victim") == "still here"
+
+
+@pytest.mark.gen_test
 async def test_content_length_one_over_the_limit_is_refused(http_server: Any, http_port: int,
                                                             kv: AsyncKVClient) -> None:
     head = raw_head("POST", "/save", {"Host": f"127.0.0.1:{http_port}", "Content-Type": JSON_T,
