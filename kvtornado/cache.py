@@ -156,6 +156,7 @@ class WriteBehindCache:
         for w in self._waiters:
             if not w.future.done():
                 w.future.set_exception(Overloaded("The server is shutting down."))
+                w.future.exception()  # retrieved: a waiter that already timed out is not there to see it
         self._waiters.clear()
         return left
 
@@ -482,6 +483,7 @@ class WriteBehindCache:
                     Overloaded(f"The flush failed; {self.dirty_count} writes stay pending and will be retried.",
                                retry_after_s=retry_s)
                 )
+                w.future.exception()  # retrieved: a /flush that already timed out is not there to see it
             else:
                 if w.flush_no <= flush_no:
                     w.flush_no = flush_no + 1  # a durable write waits for the next successful flush

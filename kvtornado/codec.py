@@ -41,7 +41,26 @@ def _reject_constant(name: str) -> Any:
 
 
 # Built once: json.loads/json.dumps with any keyword argument build a new decoder/encoder on every call.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+class _RepeatedMember(ValueError):
+    """A JSON object names one member twice: two readers of the body could disagree on it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _RepeatedMember(name)
+            seen.add(name)
+    return obj
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_members)
 _COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 compact_json = _COMPACT.encode
 
@@ -73,6 +92,8 @@ def parse_json(body: bytes) -> Any:
         raise InvalidJSON(f"The JSON nests deeper than {MAX_JSON_DEPTH} levels.")
     try:
         return _DECODER.decode(text)
+    except _RepeatedMember as exc:
+        raise BadRequest(f"The JSON body names the member {exc.name!r} more than once.") from None
     except (ValueError, RecursionError) as exc:
         detail = f" ({exc.msg} at position {exc.pos})" if isinstance(exc, json.JSONDecodeError) else ""
         raise InvalidJSON(f"The request body is not valid JSON{detail}.") from None

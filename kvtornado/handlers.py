@@ -264,7 +264,8 @@ class BaseHandler(RequestHandler):
 
     def durable(self) -> bool:
         flag = self.fields.get("durable")
-        if flag is None or flag in ("0", "false", ""):
+        # An empty ?durable= (or a bare ?durable) is refused, not read as "no": whoever wrote it meant something.
+        if flag is None or flag in ("0", "false"):
             return False
         if flag in ("1", "true"):
             return True

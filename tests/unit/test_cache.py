@@ -8,6 +8,7 @@ The last part is a Hypothesis state machine that checks the cache against a plai
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -586,6 +587,22 @@ async def test_g9_from_a_failed_attempt_until_a_success_non_durable_writes_are_r
 
     await cache.put("k2", '"v"')  # the success ended the refusal
     assert cache.stats()["flush"]["refusing_writes"] is False
+
+
+@pytest.mark.gen_test
+async def test_g7_stop_answers_a_waiter_whose_request_already_timed_out_without_an_unretrieved_error(
+    store: FakeStore, make_cache: MakeCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = make_cache(store, durable_timeout_ms=50)
+    store.write_gate.close()  # the durable write's flush never commits
+    with pytest.raises(DurableTimeout):
+        await cache.put("k", '"v"', durable=True)
+    store.write_gate.open()
+    store.fail_writes = True
+    assert await cache.stop(0.05) == 1  # cannot flush: the waiter is told the server is shutting down
+    gc.collect()  # an exception never retrieved is reported when its future is collected
+    await run_ready()
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
 
 
 @pytest.mark.gen_test

@@ -363,3 +363,13 @@ def test_key_from_query() -> None:
         key_from_query(query_fields("key="), max_key_bytes=16)
     with pytest.raises(TooLarge):
         key_from_query(query_fields("key=" + "%C3%A9" * 9), max_key_bytes=16)
+
+
+@pytest.mark.parametrize("body", [
+    pytest.param(b'{"key":"a","key":"b","value":1}', id="top-level"),
+    pytest.param(b'{"key":"k","value":{"n":1,"n":2}}', id="inside-the-value"),
+    pytest.param(b'{"key":"k","value":[{"x":1},{"y":1,"y":1}]}', id="deep-inside-the-value"),
+])
+def test_a_json_object_that_names_a_member_twice_is_refused(body: bytes) -> None:
+    with pytest.raises(BadRequest, match="more than once"):
+        parse_save(JSON, body, **LIMITS)
