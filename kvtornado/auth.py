@@ -8,7 +8,6 @@ exactly as sent avoids the canonicalisation and re-serialisation pitfalls of oth
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hashlib
 import heapq
 import hmac
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvtornado.errors import AuthError, ConfigError
+from kvtornado.locks import LockHeld, lock_path, take_lock
 
 SCHEME = "KV-HMAC-SHA256"
 EMPTY_BODY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -319,19 +319,15 @@ class NonceJournal:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-nonce-journal")
 
     def _take_lock(self) -> None:
-        lock = self.path.with_name(self.path.name + ".lock")
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock_fd = take_lock(self.path)
+        except LockHeld:
+            raise ConfigError(f"{self.path}: another server is using this nonce journal (it holds "
+                              f"{lock_path(self.path).name}); stop it first") from None
         except OSError as exc:
-            raise ConfigError(f"{lock}: cannot open the nonce journal's lock file ({exc.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise ConfigError(f"{self.path}: another server is using this nonce journal (it holds {lock.name}); "
-                              "stop it first") from None
-        self._lock_fd = fd
+            raise ConfigError(f"{lock_path(self.path)}: cannot open the nonce journal's lock file "
+                              f"({exc.strerror})") from None
 
     def open(self) -> tuple[list[Entry], bool]:
         """Read what an earlier process left: ``(entries, clean)``; then start the file anew for this one.

@@ -7,7 +7,6 @@ backend the write-behind cache flushes into. No sqlite call ever runs on the eve
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import heapq
 import logging
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kvtornado.errors import StorageError
+from kvtornado.locks import LockHeld, lock_path, take_lock
 
 SCHEMA_VERSION = 1
 # SPEC §6: a flush that cannot take the write lock within this has failed.
@@ -166,25 +166,15 @@ class SqliteStore:
             raise
         self._wconn = conn
 
-    @property
-    def lock_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".lock")
-
     def _take_lock(self) -> None:
-        """One server a database: an exclusive ``flock`` the kernel releases when the process dies (kill -9
-        leaves no stale lock). A lock file of its own, so it never meets sqlite's own POSIX locks."""
+        """One server a database (``kvtornado.locks``)."""
         try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock_fd = take_lock(self.path)
+        except LockHeld:
+            raise StorageError(f"{self.path}: another server is using this database (it holds "
+                               f"{lock_path(self.path).name}); stop it first") from None
         except OSError as exc:
-            raise StorageError(f"{self.lock_path}: cannot open the lock file ({exc.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise StorageError(
-                f"{self.path}: another server is using this database (it holds {self.lock_path.name}); stop it first"
-            ) from None
-        self._lock_fd = fd
+            raise StorageError(f"{lock_path(self.path)}: cannot open the lock file ({exc.strerror})") from None
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
