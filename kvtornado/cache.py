@@ -10,8 +10,8 @@ Pending writes and tombstones ("dirty": ``_dirty`` and ``_flight``) are never ev
 the maps is read from sqlite on a miss (concurrent misses share one read). Any write to a key detaches
 a read in flight for it, so a read that returns after a newer write never overwrites it.
 
-Flushes run one at a time: every ``flush_interval_ms`` from a ``PeriodicCallback``, at once when
-``flush_batch_size`` new keys are dirty, and at once for ``flush()`` or a durable write. A flush takes what
+*When* a flush runs is the ``FlushScheduler``'s (scheduler.py): one at a time, every ``flush_interval_ms``,
+at once when ``flush_batch_size`` new keys are dirty, for ``flush()`` or a durable write. A flush takes what
 is dirty at its start and commits it in transactions of at most ``flush_batch_size`` rows on the store's
 writer thread. A failed flush keeps everything and retries with exponential backoff (G4); until a flush
 succeeds again, non-durable writes are refused (G9, ``writes_while_failing: refuse``). Memory is bounded
@@ -23,17 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from tornado.ioloop import PeriodicCallback
-
 from kvtornado.config import CacheConfig
 from kvtornado.errors import DurableTimeout, Overloaded, StorageError
+from kvtornado.scheduler import Clock, FlushScheduler, LoopClock, Timer
 from kvtornado.store import Row, SqliteStore
 
 log = logging.getLogger("kvtornado.cache")
@@ -47,9 +45,6 @@ def nbytes(text: str | None) -> int:
         return 0
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
-MAX_BACKOFF_MS = 5000
-
-
 @dataclass
 class _Load:
     """One sqlite read for a missing key, shared by every miss that arrives while it runs."""
@@ -60,11 +55,74 @@ class _Load:
 
 @dataclass
 class _Waiter:
-    """Someone waiting for every write made before ``flush_no`` started to be committed."""
+    """Someone waiting for every write made before flush number ``flush_no`` started to be committed."""
 
     flush_no: int
     future: asyncio.Future[None]
     fail_fast: bool  # POST /flush hears about a failed attempt; a durable write waits for a later success
+    timer: Timer | None = None
+
+
+class CommitWaiters:
+    """Durable writes and ``POST /flush`` waiting for a commit: the one place they are answered.
+
+    A waiter registered while flush N is the latest started waits for flush N+1 (so for every write made
+    before it registered). When a flush ends, ``settle`` answers each waiter it covers: a success resolves
+    them; a failure fails the fail-fast ones (``POST /flush``) and moves the others on to the next flush. A
+    waiter past its timeout gets its timeout error from the clock; ``close`` answers all that are left.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self._waiters: list[_Waiter] = []
+
+    def __bool__(self) -> bool:
+        return any(not w.future.done() for w in self._waiters)
+
+    def wait(self, flush_no: int, *, fail_fast: bool, timeout_s: float, timeout: Exception) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(flush_no, future, fail_fast)
+        waiter.timer = self.clock.call_at(self.clock.now() + timeout_s, lambda: self._answer(waiter, timeout))
+        self._waiters.append(waiter)
+        return future
+
+    def waiting_after(self, flush_no: int) -> bool:
+        """Someone waits for a flush later than ``flush_no``."""
+        return any(w.flush_no > flush_no and not w.future.done() for w in self._waiters)
+
+    def settle(self, flush_no: int, failure: Exception | None) -> None:
+        keep: list[_Waiter] = []
+        for w in self._waiters:
+            if w.future.done():
+                continue
+            if w.flush_no > flush_no:
+                keep.append(w)
+            elif failure is None:
+                self._answer(w, None)
+            elif w.fail_fast:
+                self._answer(w, failure)
+            else:
+                w.flush_no = flush_no + 1  # a durable write waits for the next successful flush
+                keep.append(w)
+        self._waiters = keep
+
+    def close(self, error: Exception) -> None:
+        for w in self._waiters:
+            self._answer(w, error)
+        self._waiters.clear()
+
+    @staticmethod
+    def _answer(w: _Waiter, error: Exception | None) -> None:
+        if w.timer is not None:
+            w.timer.cancel()
+            w.timer = None
+        if w.future.done():
+            return
+        if error is None:
+            w.future.set_result(None)
+        else:
+            w.future.set_exception(error)
+            w.future.exception()  # retrieved: a waiter nobody awaits any more raises no "never retrieved"
 
 
 @dataclass
@@ -73,7 +131,6 @@ class FlushStats:
     rows: int = 0
     errors: int = 0
     last_ms: float = 0.0
-    streak: int = 0  # consecutive failed attempts
 
 
 @dataclass
@@ -85,18 +142,16 @@ class CacheStats:
 
 
 class WriteBehindCache:
-    """In-memory read path and write-behind batching over a ``SqliteStore`` (SPEC §7, G1-G9)."""
+    """In-memory read path and write-behind batching over a ``SqliteStore`` (SPEC §7, G1-G9).
 
-    def __init__(
-        self,
-        store: SqliteStore,
-        config: CacheConfig,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    The maps and the read path are here; *when* to flush is the ``FlushScheduler``'s (scheduler.py), and
+    who waits for a commit is ``CommitWaiters``'. One injected ``Clock`` drives all three.
+    """
+
+    def __init__(self, store: SqliteStore, config: CacheConfig, *, clock: Clock | None = None) -> None:
         self.store = store
         self.config = config
-        self.clock = clock
+        self.clock: Clock = clock if clock is not None else LoopClock()
         self._dirty: dict[str, str | None] = {}
         self._flight: dict[str, str | None] = {}
         self._overlap = 0  # keys in both _dirty and _flight: counted once as dirty
@@ -107,57 +162,34 @@ class WriteBehindCache:
         self._loading: dict[str, _Load] = {}
         self._new_dirty = 0  # keys that became dirty since the last flush started
         self._flushes_started = 0
-        self._flushing: asyncio.Task[None] | None = None
-        self._again = False  # a flush was asked for while one was running
-        self._again_force = False  # ... and it was POST /flush, which does not wait out a backoff
-        self._tasks: set[asyncio.Task[None]] = set()  # strong references to background tasks
-        self._waiters: list[_Waiter] = []
-        self._retry_at = 0.0  # clock time before which periodic/size/durable triggers do not retry
-        self._backoff_ms = 0
-        self._timer: PeriodicCallback | None = None
-        self._retry_timer: asyncio.TimerHandle | None = None  # a retry due before the next periodic tick
-        self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()  # strong references to the miss reads
+        self._waiters = CommitWaiters(self.clock)
+        self.scheduler = FlushScheduler(
+            self.clock, config.flush_interval_ms,
+            begin=self._begin_flush,
+            has_work=lambda: bool(self.dirty_count or self._waiters),
+            wants_next=lambda: (self._new_dirty >= config.flush_batch_size
+                                or self._waiters.waiting_after(self._flushes_started)),
+        )
         self.stats_ = CacheStats()
 
     # -- life cycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the periodic flush (must run on the event loop that serves requests)."""
-        self._timer = PeriodicCallback(self._tick, self.config.flush_interval_ms)
-        self._timer.start()
+        self.scheduler.start()
 
     async def stop(self, timeout_s: float) -> int:
-        """Flush everything (retrying until ``timeout_s``), stop the timer; returns writes left unflushed."""
-        if self._timer is not None:
-            self._timer.stop()
-            self._timer = None
-        self._cancel_retry()
-        self._closed = True
-        # The first attempt is at once, whatever the backoff (as for POST /flush): sqlite may be fine again, and
-        # waiting out a backoff longer than timeout_s would give up without trying once.
-        self._retry_at = 0.0
-        deadline = self.clock() + timeout_s
+        """Flush everything (retrying until ``timeout_s``), stop the timer; returns writes left unflushed.
+        Every commit waiter is answered: the flush committed its write, or the server is shutting down."""
         total = self.dirty_count
-        while self.dirty_count and self.clock() < deadline:
-            if self._flushing is not None:
-                await asyncio.wait({self._flushing}, timeout=max(0.0, deadline - self.clock()))
-                continue
-            if self._retry_at > self.clock():
-                await asyncio.sleep(min(self._retry_at, deadline) - self.clock())
-                continue
-            self._start_flush()
-        if self._flushing is not None:
-            await asyncio.wait({self._flushing}, timeout=max(0.0, deadline - self.clock()))
+        await self.scheduler.finish(timeout_s)
         left = self.dirty_count
         if left:
             log.error("shutdown: %d of %d acknowledged writes could not be flushed", left, total)
         else:
             log.info("shutdown: flushed %d writes", total)
-        for w in self._waiters:
-            if not w.future.done():
-                w.future.set_exception(Overloaded("The server is shutting down."))
-                w.future.exception()  # retrieved: a waiter that already timed out is not there to see it
-        self._waiters.clear()
+        self._waiters.close(Overloaded("The server is shutting down."))
         return left
 
     # -- the key/value interface ----------------------------------------------------------------
@@ -170,6 +202,10 @@ class WriteBehindCache:
     def pending(self) -> dict[str, str | None]:
         """A copy of every pending write (``None`` for a delete): what sqlite does not have yet."""
         return {**self._flight, **self._dirty}
+
+    def cached(self) -> dict[str, str]:
+        """A copy of the committed values held in memory (what a read answers without sqlite), oldest first."""
+        return dict(self._clean)
 
     async def get(self, key: str) -> str | None:
         pending = self._dirty.get(key, _ABSENT)
@@ -205,7 +241,6 @@ class WriteBehindCache:
         n = self.dirty_count
         if n == 0:
             return 0
-        self._retry_at = 0.0
         await self._await_commit(durable=False)
         return n
 
@@ -232,8 +267,8 @@ class WriteBehindCache:
                 "errors": f.errors,
                 "last_ms": round(f.last_ms, 3),
                 # acknowledged writes waiting for a retry after a failed flush (0 when healthy)
-                "pending_retry": self.dirty_count if f.streak else 0,
-                "failing": f.streak > 0,
+                "pending_retry": self.dirty_count if self.scheduler.streak else 0,
+                "failing": self.scheduler.streak > 0,
                 "refusing_writes": self._refusing_writes,
                 "interval_ms": self.config.flush_interval_ms,
             },
@@ -304,31 +339,27 @@ class WriteBehindCache:
     @property
     def _refusing_writes(self) -> bool:
         """G9: from a failed flush attempt until the next successful one, non-durable writes are refused."""
-        return self.stats_.flush.streak > 0 and self.config.writes_while_failing == "refuse"
-
-    def _retry_after_s(self) -> int:
-        # Healthy, a flush is on its way now; failing, the next attempt is when the backoff runs out.
-        return max(1, math.ceil(self._retry_at - self.clock())) if self.stats_.flush.streak else 1
+        return self.scheduler.streak > 0 and self.config.writes_while_failing == "refuse"
 
     def _write(self, key: str, value: str | None, *, durable: bool = False) -> None:
         if self._refusing_writes and not durable:
             raise Overloaded("sqlite is failing: writes are refused until a flush succeeds; retry shortly.",
-                             retry_after_s=self._retry_after_s())
+                             retry_after_s=self.scheduler.retry_after_s())
         old = self._dirty.get(key, _ABSENT)
         # What this write adds to the pending bytes: an overwrite in _dirty replaces that entry; anything else is a
         # new entry (a key in the batch in flight is then held twice until that batch commits).
         grows = nbytes(key) + nbytes(value) if old is _ABSENT else nbytes(value) - nbytes(cast("str | None", old))
         if grows > 0 and self._dirty_bytes + grows > self.config.max_dirty_bytes:
-            self._trigger()
+            self.scheduler.trigger()
             raise Overloaded(f"{self._dirty_bytes} bytes of writes are waiting for sqlite; retry shortly.",
-                             retry_after_s=self._retry_after_s())
+                             retry_after_s=self.scheduler.retry_after_s())
         if old is _ABSENT:
             in_flight = key in self._flight
             if not in_flight:  # a new dirty key (an overwrite of a pending one is always accepted)
                 if self.dirty_count >= self.config.max_dirty:
-                    self._trigger()  # make room as soon as sqlite allows (max_dirty may be below the batch size)
+                    self.scheduler.trigger()  # make room as soon as sqlite allows (max_dirty may be < batch size)
                     raise Overloaded(f"{self.dirty_count} writes are waiting for sqlite; retry shortly.",
-                                     retry_after_s=self._retry_after_s())
+                                     retry_after_s=self.scheduler.retry_after_s())
             else:
                 self._overlap += 1
             self._new_dirty += 1
@@ -340,47 +371,26 @@ class WriteBehindCache:
             load.stale = True
         if (self._new_dirty >= self.config.flush_batch_size or self.dirty_count >= self.config.max_dirty
                 or self._dirty_bytes >= self.config.max_dirty_bytes):
-            self._trigger()
+            self.scheduler.trigger()
 
     async def _await_commit(self, *, durable: bool) -> None:
         """Wait until a flush that starts after now has committed (so every write made so far is in)."""
-        loop = asyncio.get_running_loop()
-        waiter = _Waiter(self._flushes_started + 1, loop.create_future(), fail_fast=not durable)
-        self._waiters.append(waiter)
+        what = "The write was" if durable else "The flush was"
+        timeout = DurableTimeout(f"{what} not committed within {self.config.durable_timeout_ms} ms; "
+                                 "pending writes stay pending and will be written.")
+        committed = self._waiters.wait(self._flushes_started + 1, fail_fast=not durable,
+                                       timeout_s=self.config.durable_timeout_ms / 1000, timeout=timeout)
         # A durable write respects a failure backoff; POST /flush retries at once (G4).
-        self._trigger(force=not durable)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), timeout=self.config.durable_timeout_ms / 1000)
-        except TimeoutError:
-            what = "The write was" if durable else "The flush was"
-            raise DurableTimeout(
-                f"{what} not committed within {self.config.durable_timeout_ms} ms; "
-                "pending writes stay pending and will be written."
-            ) from None
+        self.scheduler.trigger(force=not durable)
+        await committed
 
     # -- flushing -------------------------------------------------------------------------------
 
-    def _tick(self) -> None:
-        if self.dirty_count and self.clock() >= self._retry_at:
-            self._trigger()
-
-    def _trigger(self, *, force: bool = False) -> None:
-        """Start a flush now, or right after the one running; outside backoff unless ``force``."""
-        if self._closed and not force:
-            return
-        if not force and self.clock() < self._retry_at:
-            return
-        if self._flushing is not None:
-            self._again = True
-            self._again_force = self._again_force or force
-            return
-        if self.dirty_count or self._waiters:
-            self._start_flush()
-
-    def _start_flush(self) -> None:
+    def _begin_flush(self) -> Awaitable[None]:
+        """Take what is dirty now as the batch of flush number N+1 (synchronously: a write made after this
+        returns waits for the next flush) and return the coroutine that commits it."""
         self._flushes_started += 1
         self._new_dirty = 0
-        self._again = self._again_force = False
         if self._flight:  # what a failed flush kept: its retry takes it, overlaid by newer writes
             flight = self._flight
             if self._overlap:
@@ -391,7 +401,7 @@ class WriteBehindCache:
         else:
             self._flight, self._dirty = self._dirty, {}
         self._overlap = 0
-        self._flushing = self._spawn(self._flush(self._flushes_started))
+        return self._flush(self._flushes_started)
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -404,10 +414,9 @@ class WriteBehindCache:
         started = time.perf_counter()
         committed = 0
         error: StorageError | None = None
-        size = self.config.flush_batch_size
         try:
             # _flight does not change until a batch commits, so the writer thread may read it meanwhile.
-            for rows in await self.store.ordered_batches(self._flight, size):
+            for rows in await self.store.ordered_batches(self._flight, self.config.flush_batch_size):
                 await self.store.write_rows(rows)
                 self._committed(rows)
                 committed += len(rows)
@@ -416,46 +425,24 @@ class WriteBehindCache:
         except Exception as exc:  # a bug, not sqlite: still a failed attempt that keeps its batch
             log.exception("flush failed unexpectedly")
             error = StorageError(f"unexpected flush error: {exc!r}")
-        finally:
-            self._flushing = None
         f.last_ms = (time.perf_counter() - started) * 1000
         f.rows += committed
         if error is None:
             f.count += 1
-            if f.streak:
-                log.info("flush recovered after %d failed attempts: %d rows committed", f.streak, committed)
-            f.streak = 0
-            self._backoff_ms = 0
-            self._retry_at = 0.0
-            self._cancel_retry()
-            self._settle(flush_no, None)
-        else:
-            f.errors += 1
-            f.streak += 1
-            self._backoff_ms = min(MAX_BACKOFF_MS, max(self.config.flush_interval_ms, self._backoff_ms * 2))
-            self._retry_at = self.clock() + self._backoff_ms / 1000
-            if self._timer is not None and self._backoff_ms < self.config.flush_interval_ms:
-                # The backoff is capped at 5 s: with a longer interval the periodic tick would retry too late.
-                self._cancel_retry()
-                self._retry_timer = asyncio.get_running_loop().call_later(self._backoff_ms / 1000, self._retry_due)
-            if f.streak == 1:
-                log.warning("flush failed (%s); %d writes kept, retrying with backoff from %d ms",
-                            error, self.dirty_count, self._backoff_ms)
-            self._settle(flush_no, error)
-        if self._again:
-            self._trigger(force=self._again_force)
-        elif self._new_dirty >= self.config.flush_batch_size or any(w.flush_no > flush_no for w in self._waiters):
-            self._trigger()
-
-    def _retry_due(self) -> None:
-        self._retry_timer = None
-        if self.dirty_count and not self._closed and self._flushing is None:
-            self._trigger(force=True)  # the backoff has run out by the loop's clock
-
-    def _cancel_retry(self) -> None:
-        if self._retry_timer is not None:
-            self._retry_timer.cancel()
-            self._retry_timer = None
+            if self.scheduler.streak:
+                log.info("flush recovered after %d failed attempts: %d rows committed",
+                         self.scheduler.streak, committed)
+            self.scheduler.succeeded()
+            self._waiters.settle(flush_no, None)
+            return
+        f.errors += 1
+        self.scheduler.failed()
+        if self.scheduler.streak == 1:
+            log.warning("flush failed (%s); %d writes kept, retrying with backoff from %d ms",
+                        error, self.dirty_count, self.scheduler.backoff_ms)
+        self._waiters.settle(flush_no, Overloaded(
+            f"The flush failed; {self.dirty_count} writes stay pending and will be retried.",
+            retry_after_s=self.scheduler.retry_after_s()))
 
     def _committed(self, rows: list[Row]) -> None:
         dirty, flight, clean = self._dirty, self._flight, self._clean
@@ -469,23 +456,3 @@ class WriteBehindCache:
                 clean[key] = value  # a new key in clean, so already the most recently used
                 self._clean_bytes += size
         self._evict()
-
-    def _settle(self, flush_no: int, error: StorageError | None) -> None:
-        keep: list[_Waiter] = []
-        for w in self._waiters:
-            if w.future.done():
-                continue
-            if w.flush_no <= flush_no and error is None:
-                w.future.set_result(None)
-            elif w.flush_no <= flush_no and w.fail_fast:
-                retry_s = math.ceil(self._backoff_ms / 1000) or 1
-                w.future.set_exception(
-                    Overloaded(f"The flush failed; {self.dirty_count} writes stay pending and will be retried.",
-                               retry_after_s=retry_s)
-                )
-                w.future.exception()  # retrieved: a /flush that already timed out is not there to see it
-            else:
-                if w.flush_no <= flush_no:
-                    w.flush_no = flush_no + 1  # a durable write waits for the next successful flush
-                keep.append(w)
-        self._waiters = keep

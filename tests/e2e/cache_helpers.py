@@ -25,6 +25,7 @@ from kvtornado.auth import Authenticator
 from kvtornado.cache import WriteBehindCache
 from kvtornado.client import KVClient, Response, Signer
 from kvtornado.config import Config
+from kvtornado.scheduler import Clock
 from kvtornado.store import MAX_BUSY_TIMEOUT_MS, SqliteStore
 from tests.conftest import TEST_KEY_ID, TEST_SECRET
 
@@ -135,13 +136,14 @@ async def apoll(probe: Callable[[], Awaitable[T | None]], *, timeout_s: float, w
 class CacheApp:
     """A ``SqliteStore`` + ``WriteBehindCache`` + admin ``make_app``, built as ``exercise4.py`` builds them."""
 
-    def __init__(self, io_loop: IOLoop, config: Config, *, busy_timeout_ms: int = MAX_BUSY_TIMEOUT_MS) -> None:
+    def __init__(self, io_loop: IOLoop, config: Config, *, busy_timeout_ms: int = MAX_BUSY_TIMEOUT_MS,
+                 clock: Clock | None = None) -> None:
         self.io_loop = io_loop
         self.config = config
         self.store = SqliteStore(config.storage.path, synchronous=config.storage.synchronous,
                                  busy_timeout_ms=busy_timeout_ms)
         io_loop.run_sync(self.store.open)
-        self.cache = WriteBehindCache(self.store, config.cache)
+        self.cache = WriteBehindCache(self.store, config.cache, clock=clock)
         io_loop.run_sync(self.cache.start)
         authenticator = Authenticator({TEST_KEY_ID: TEST_SECRET}, max_skew_s=config.auth.max_skew_s,
                                       max_nonces=config.auth.max_nonces)

@@ -30,6 +30,7 @@ from tests.e2e.cache_helpers import (
     write_lock,
 )
 from tests.e2e.helpers import FRAMING_ERRORS, pipelined_behind_framing_error, raw_head
+from tests.unit.fakes import ManualClock
 
 LONG_INTERVAL_MS = 60_000  # only explicit flushes and durable writes reach sqlite during a test
 gen_test = pytest.mark.gen_test(timeout=30)
@@ -53,8 +54,14 @@ def busy_timeout_ms() -> int:
 
 
 @pytest.fixture
-def cache_app(io_loop: IOLoop, cfg: Config, busy_timeout_ms: int) -> Iterator[CacheApp]:
-    ca = CacheApp(io_loop, cfg, busy_timeout_ms=busy_timeout_ms)
+def clock() -> ManualClock | None:
+    """The cache's clock: the event loop's, unless a test moves time itself with a ``ManualClock``."""
+    return None
+
+
+@pytest.fixture
+def cache_app(io_loop: IOLoop, cfg: Config, busy_timeout_ms: int, clock: ManualClock | None) -> Iterator[CacheApp]:
+    ca = CacheApp(io_loop, cfg, busy_timeout_ms=busy_timeout_ms, clock=clock)
     yield ca
     ca.close()
 
@@ -270,9 +277,10 @@ async def test_admin_routes_need_auth(kv: AsyncKVClient, cache_app: CacheApp, me
 
 
 @pytest.mark.parametrize("busy_timeout_ms", [50], ids=["busy_timeout=50ms"])
+@pytest.mark.parametrize("clock", [ManualClock()], ids=["manual_clock"])
 @gen_test
 async def test_a_failed_flush_is_retried_after_the_backoff_not_the_next_interval(
-    kv: AsyncKVClient, cache_app: CacheApp, caplog: pytest.LogCaptureFixture
+    kv: AsyncKVClient, cache_app: CacheApp, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     # G4: the backoff starts at flush_interval_ms and is capped at 5 s, so with a one-minute interval the
     # retry is due 5 s after a failure, without waiting for the next periodic flush.
@@ -288,7 +296,8 @@ async def test_a_failed_flush_is_retried_after_the_backoff_not_the_next_interval
     async def committed() -> bool:
         return db_rows(cache_app.db) == {"k": stored("v")}
 
-    await apoll(committed, timeout_s=12, what="the retry (due 5 s after the failure)", interval_s=0.1)
+    clock.advance(5.0)  # the 5 s backoff runs out; the next periodic flush is 55 s away (unit tests: to the ms)
+    await apoll(committed, timeout_s=5, what="the retry (due 5 s after the failure)")
     s = await stats(kv)
     assert s["flush"]["errors"] == 1 and s["flush"]["count"] == 1 and s["flush"]["pending_retry"] == 0, s
     messages = [r.getMessage() for r in caplog.records if r.name == "kvtornado.cache"]

@@ -95,17 +95,51 @@ class FakeStore:
             self.in_flight -= 1
 
 
+class _ManualTimer:
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class ManualClock:
-    """An injected monotonic clock that moves only when the test says so."""
+    """An injected monotonic clock (``kvtornado.scheduler.Clock``) that moves only when the test says so.
+    ``advance`` runs every timer that falls due, in time order (and those they set that fall due too)."""
 
     def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
+        self._now = start
+        self._timers: list[_ManualTimer] = []
 
-    def __call__(self) -> float:
-        return self.now
+    def now(self) -> float:
+        return self._now
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> _ManualTimer:
+        timer = _ManualTimer(when, callback)
+        self._timers.append(timer)
+        return timer
+
+    @property
+    def timers(self) -> list[float]:
+        """When each live timer is due, earliest first."""
+        return sorted(t.when for t in self._timers if not t.cancelled)
 
     def advance(self, seconds: float) -> None:
-        self.now += seconds
+        self.advance_to(self._now + seconds)
+
+    def advance_to(self, target: float) -> None:
+        while True:
+            due = [t for t in self._timers if not t.cancelled and t.when <= target]
+            if not due:
+                break
+            timer = min(due, key=lambda t: t.when)
+            self._timers.remove(timer)
+            self._now = max(self._now, timer.when)
+            timer.callback()
+        self._timers = [t for t in self._timers if not t.cancelled]
+        self._now = target
 
 
 async def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 5.0) -> None:

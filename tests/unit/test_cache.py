@@ -20,9 +20,10 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvtornado.cache import MAX_BACKOFF_MS, WriteBehindCache, nbytes
+from kvtornado.cache import WriteBehindCache, nbytes
 from kvtornado.config import CacheConfig
 from kvtornado.errors import DurableTimeout, Overloaded, StorageError
+from kvtornado.scheduler import MAX_BACKOFF_MS
 from kvtornado.store import SqliteStore
 from tests.unit.fakes import FakeStore, ManualClock, run_ready, wait_until
 
@@ -43,7 +44,7 @@ def make_cache(io_loop: Any) -> Iterator[MakeCache]:
     background task of every cache made is finished, so nothing is left pending on the closed loop."""
     made: list[WriteBehindCache] = []
 
-    def make(store: Any, *, clock: Callable[[], float] | None = None, **cfg: Any) -> WriteBehindCache:
+    def make(store: Any, *, clock: ManualClock | None = None, **cfg: Any) -> WriteBehindCache:
         config = CacheConfig(**{**QUIET, **cfg})
         cache = WriteBehindCache(store, config) if clock is None else WriteBehindCache(store, config, clock=clock)
         made.append(cache)
@@ -53,15 +54,14 @@ def make_cache(io_loop: Any) -> Iterator[MakeCache]:
 
     async def finish() -> None:
         for cache in made:
-            if cache._timer is not None:
-                cache._timer.stop()
+            cache.scheduler.close()
             if isinstance(cache.store, FakeStore):
                 cache.store.heal()
                 cache.store.read_gate.open()
                 cache.store.write_gate.open()
-            pending = [t for t in cache._tasks if not t.done()]
-            if pending:
-                await asyncio.wait(pending, timeout=5)
+        pending = asyncio.all_tasks() - {asyncio.current_task()}
+        if pending:
+            await asyncio.wait(pending, timeout=5)
 
     io_loop.run_sync(finish)
 
@@ -379,7 +379,9 @@ async def test_g3_periodic_timer_flushes(store: FakeStore, make_cache: MakeCache
 
 @pytest.mark.gen_test
 async def test_g3_only_one_flush_runs_at_a_time(store: FakeStore, make_cache: MakeCache) -> None:
-    cache = make_cache(store, flush_batch_size=2)
+    clock = ManualClock()
+    cache = make_cache(store, clock=clock, flush_batch_size=2)
+    await cache.start()
     store.write_gate.close()
     await cache.put("a", '"1"')
     first = asyncio.ensure_future(cache.flush())
@@ -387,7 +389,7 @@ async def test_g3_only_one_flush_runs_at_a_time(store: FakeStore, make_cache: Ma
     # Every trigger there is, while the first flush is stalled:
     await cache.put("b", '"1"')
     await cache.put("c", '"1"')  # two new dirty keys: the size trigger
-    cache._tick()  # the periodic trigger
+    clock.advance(0.1)  # the periodic trigger
     durable = asyncio.ensure_future(cache.put("d", '"1"', durable=True))
     await run_ready()
     second = asyncio.ensure_future(cache.flush())  # POST /flush
@@ -455,21 +457,20 @@ async def test_g4_partly_committed_flush_keeps_only_the_failed_transactions(
 async def test_g4_backoff_doubles_from_flush_interval_up_to_5_s(store: FakeStore, make_cache: MakeCache) -> None:
     clock = ManualClock()
     cache = make_cache(store, clock=clock, flush_interval_ms=100)
+    await cache.start()
     store.fail_writes = True
     await cache.put("k", '"v"')
     expected_ms = [100, 200, 400, 800, 1600, 3200, MAX_BACKOFF_MS, MAX_BACKOFF_MS]
     assert MAX_BACKOFF_MS == 5000
 
-    cache._tick()  # the first periodic flush fails and starts the streak
+    clock.advance(0.1)  # the first periodic flush fails and starts the streak
     await wait_until(lambda: flush_stats(cache)["errors"] == 1, "the first failure")
     for attempt, backoff_ms in enumerate(expected_ms, start=1):
-        failed_at = clock.now
-        clock.now = failed_at + backoff_ms / 1000 - 0.001
-        cache._tick()  # a tick 1 ms before the retry time does not touch the store
+        retry_at = clock.now() + backoff_ms / 1000
+        clock.advance_to(retry_at - 0.001)  # every tick up to 1 ms before the retry time leaves the store alone
         await run_ready()
         assert len(store.write_calls) == attempt, f"retried before {backoff_ms} ms"
-        clock.now = failed_at + backoff_ms / 1000
-        cache._tick()
+        clock.advance_to(retry_at)  # the retry is due when the backoff runs out, not at the next tick
         await wait_until(lambda n=attempt: flush_stats(cache)["errors"] == n + 1, f"retry after {backoff_ms} ms")
         assert len(store.write_calls) == attempt + 1
     assert flush_stats(cache)["failing"] is True
@@ -480,9 +481,10 @@ async def test_g4_backoff_doubles_from_flush_interval_up_to_5_s(store: FakeStore
 async def test_g4_post_flush_retries_at_once_whatever_the_backoff(store: FakeStore, make_cache: MakeCache) -> None:
     clock = ManualClock()
     cache = make_cache(store, clock=clock, flush_interval_ms=2000)
+    await cache.start()
     store.fail_writes = True
     await cache.put("k", '"v"')
-    cache._tick()
+    clock.advance(2.0)  # the periodic flush
     await wait_until(lambda: flush_stats(cache)["errors"] == 1, "the first failure")
 
     with pytest.raises(Overloaded) as failed:  # an immediate attempt, which fails too
@@ -492,7 +494,7 @@ async def test_g4_post_flush_retries_at_once_whatever_the_backoff(store: FakeSto
     assert int(failed.value.headers["Retry-After"]) >= 1
 
     store.heal()
-    cache._tick()  # still inside the backoff: the timer waits
+    clock.advance(2.0)  # a tick, still inside the (now 4 s) backoff: the timer waits
     await run_ready()
     assert len(store.write_calls) == 2
     assert await cache.flush() == 1  # POST /flush does not
@@ -506,10 +508,11 @@ async def test_g4_post_flush_during_a_failing_flush_retries_as_soon_as_it_fails(
 ) -> None:
     clock = ManualClock()
     cache = make_cache(store, clock=clock, flush_interval_ms=2000, durable_timeout_ms=2000)
+    await cache.start()
     store.fail_writes = True
     await cache.put("k", '"v"')
     store.write_gate.close()
-    cache._tick()
+    clock.advance(2.0)  # the periodic flush
     await wait_until(lambda: store.write_gate.waiting == 1, "the periodic flush to reach the store")
     posted = asyncio.ensure_future(cache.flush())
     await run_ready()
@@ -558,6 +561,7 @@ async def test_g9_from_a_failed_attempt_until_a_success_non_durable_writes_are_r
     store = FakeStore({"old": '"committed"'})
     clock = ManualClock()
     cache = make_cache(store, clock=clock)
+    await cache.start()
     await cache.put("k", '"v1"')
     store.fail_writes = True
     with pytest.raises(Overloaded):
@@ -580,8 +584,7 @@ async def test_g9_from_a_failed_attempt_until_a_success_non_durable_writes_are_r
     await run_ready()
     assert not durable.done()
     store.heal()
-    clock.advance(1)  # past the backoff: the durable write's flush may retry
-    cache._tick()
+    clock.advance(1)  # past the backoff: the durable write's flush is retried
     await asyncio.wait_for(durable, timeout=5)
     assert store.committed["d"] == '"durable"' and store.committed["k"] == '"v1"'
 
@@ -883,14 +886,14 @@ async def test_g6_durable_write_waits_through_a_failed_attempt_for_the_retry(
 ) -> None:
     clock = ManualClock()
     cache = make_cache(store, clock=clock, durable_timeout_ms=5000)
+    await cache.start()
     store.fail_writes = True
     put = asyncio.ensure_future(cache.put("k", '"v"', durable=True))
     await wait_until(lambda: flush_stats(cache)["errors"] == 1, "the durable write's flush to fail")
     await run_ready()
     assert not put.done()  # a failed attempt is not an answer for a durable write
     store.heal()
-    clock.advance(10)
-    cache._tick()  # the periodic retry after the backoff
+    clock.advance(0.1)  # the retry after the backoff
     await put
     assert store.committed == {"k": '"v"'}
 
@@ -919,13 +922,20 @@ async def test_g7_stop_flushes_everything_and_returns_zero(
 async def test_g7_stop_with_a_failing_store_returns_the_writes_left(
     store: FakeStore, make_cache: MakeCache, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cache = make_cache(store, flush_interval_ms=50)  # the real monotonic clock: stop() waits in real time
+    clock = ManualClock()
+    cache = make_cache(store, clock=clock, flush_interval_ms=50)
     await cache.start()
     for i in range(3):
         await cache.put(f"k{i}", '"v"')
     store.fail_writes = True
-    assert await cache.stop(0.3) == 3
-    assert flush_stats(cache)["errors"] >= 2  # it kept retrying until the timeout
+    stopping = asyncio.ensure_future(cache.stop(0.3))
+    await wait_until(lambda: flush_stats(cache)["errors"] == 1, "stop's first attempt, at once")
+    for attempt, backoff_s in enumerate((0.05, 0.1), start=2):  # then one after each backoff...
+        clock.advance(backoff_s)
+        await wait_until(lambda n=attempt: flush_stats(cache)["errors"] == n, f"attempt {attempt}")
+    clock.advance(0.2)  # ...until the timeout (0.3 s), which comes before the next retry (0.35 s)
+    assert await stopping == 3
+    assert flush_stats(cache)["errors"] == 3
     assert store.committed == {}
     errors = [r.getMessage() for r in caplog.records if r.name == "kvtornado.cache" and r.levelno == logging.ERROR]
     assert len(errors) == 1
@@ -1045,7 +1055,9 @@ class CacheAgainstDict(RuleBasedStateMachine):
         self.serial = 0
 
     def _new_cache(self) -> WriteBehindCache:
-        return WriteBehindCache(self.store, MACHINE_CONFIG, clock=self.clock)  # type: ignore[arg-type]
+        cache = WriteBehindCache(self.store, MACHINE_CONFIG, clock=self.clock)
+        self.run(cache.start())
+        return cache
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(asyncio.wait_for(coro, timeout=10))
@@ -1061,10 +1073,12 @@ class CacheAgainstDict(RuleBasedStateMachine):
             return True  # G9: writes_while_failing is refuse, the default
         return key not in self.cache.pending() and self.cache.dirty_count >= MACHINE_CONFIG.max_dirty
 
-    async def _drain(self) -> None:
-        pending = [t for t in self.cache._tasks if not t.done()]
+    def _drain(self) -> None:
+        """Let every task left on the machine's loop (flushes, miss reads) run to its end."""
+        pending = asyncio.all_tasks(self.loop)  # the loop is not running: these are all background tasks
         if pending:
-            await asyncio.wait(pending)
+            _, stuck = self.loop.run_until_complete(asyncio.wait(pending, timeout=10))
+            assert not stuck, f"tasks that never ended: {stuck}"
 
     # -- operations with their expected outcome -----------------------------------------------------
 
@@ -1143,7 +1157,7 @@ class CacheAgainstDict(RuleBasedStateMachine):
                     event("a get raced writes")
                 await self._save(key)
                 # A delete of a key that is neither dirty nor cached would wait on the held read.
-                if then_delete and (key in self.cache.pending() or key in self.cache._clean):
+                if then_delete and (key in self.cache.pending() or key in self.cache.cached()):
                     await self._delete(key)
                 if then_flush:
                     await self._flush()
@@ -1168,13 +1182,12 @@ class CacheAgainstDict(RuleBasedStateMachine):
 
     @rule(ms=st.sampled_from([50, 100, 400, 6000]))
     def timer_tick(self, ms: int) -> None:
-        self.clock.advance(ms / 1000)
 
         async def tick() -> None:  # on the machine's loop: a flush it starts is a task of that loop
-            self.cache._tick()
-            await self._drain()
+            self.clock.advance(ms / 1000)
 
         self.run(tick())
+        self._drain()
 
     @rule()
     def restart(self) -> None:
@@ -1190,9 +1203,10 @@ class CacheAgainstDict(RuleBasedStateMachine):
     @rule()
     def crash(self) -> None:
         """kill -9: the cache vanishes unflushed; what the store committed is all that is left."""
-        for task in self.cache._tasks:  # nothing of the old process runs again
+        self.cache.scheduler.close()  # nothing of the old process runs again: no timer...
+        for task in asyncio.all_tasks(self.loop):  # ...and no flush or read
             task.cancel()
-        self.run(self._drain())
+        self._drain()
         for key, value in self.store.committed.items():
             assert value in self.acknowledged[key], f"{key}={value} was never acknowledged"
         lost = {k for k in set(self.model) | set(self.store.committed)
@@ -1218,7 +1232,7 @@ class CacheAgainstDict(RuleBasedStateMachine):
     @invariant()
     def clean_entries_are_current(self) -> None:
         pending = self.cache.pending()
-        for key, value in self.cache._clean.items():
+        for key, value in self.cache.cached().items():
             assert key not in pending
             assert self.model.get(key) == value, f"stale clean entry {key}={value}"
 
@@ -1228,7 +1242,7 @@ class CacheAgainstDict(RuleBasedStateMachine):
         assert stats["dirty"] <= MACHINE_CONFIG.max_dirty
         assert stats["clean"] <= MACHINE_CONFIG.max_entries
         assert stats["clean_bytes"] <= MACHINE_CONFIG.max_bytes
-        assert stats["clean_bytes"] == sum(nbytes(k) + nbytes(v) for k, v in self.cache._clean.items())
+        assert stats["clean_bytes"] == sum(nbytes(k) + nbytes(v) for k, v in self.cache.cached().items())
         # Pending bytes hold every pending write once, and a key in flight and rewritten twice.
         pending_once = sum(nbytes(k) + nbytes(v) for k, v in self.cache.pending().items())
         assert pending_once <= stats["dirty_bytes"] <= MACHINE_CONFIG.max_dirty_bytes
@@ -1241,9 +1255,10 @@ class CacheAgainstDict(RuleBasedStateMachine):
         self.store.heal()
         self.store.read_gate.open()
         self.store.write_gate.open()
-        for task in self.cache._tasks:
+        self.cache.scheduler.close()
+        for task in asyncio.all_tasks(self.loop):
             task.cancel()
-        self.run(self._drain())
+        self._drain()
         self.loop.close()
 
 
