@@ -7,6 +7,7 @@ from typing import Any
 
 from tornado.web import Application, RequestHandler, url
 
+from kvtornado import codec
 from kvtornado import handlers as h
 from kvtornado.auth import Authenticator
 from kvtornado.config import Config
@@ -31,13 +32,19 @@ def make_app(
     authenticator: Authenticator | None = None,
     kv: h.KeyValue | None = None,
     admin: bool = False,
+    admission: h.Admission | None = None,
     **settings: Any,
 ) -> Application:
     """Routes for one exercise: ``/ping`` always; ``/authorize`` with an authenticator; the data routes
-    with a key/value store; ``/flush`` and ``/stats`` with ``admin`` (exercise 4)."""
+    with a key/value store; ``/flush`` and ``/stats`` with ``admin`` (exercise 4). A server that stops
+    gracefully passes its ``admission`` to refuse new requests and wait for those being served.
+
+    The JSON decoder recurses once per nesting level, so the process's recursion limit is raised here (never
+    lowered) to give it room for ``codec.MAX_JSON_DEPTH`` levels."""
     if kv is not None and authenticator is None:
         raise ValueError("the data routes need an authenticator")
-    svc = h.Service(config=config, authenticator=authenticator, kv=kv)
+    codec.allow_json_depth()
+    svc = h.Service(config=config, authenticator=authenticator, kv=kv, admission=admission or h.Admission())
     args = {"svc": svc}
     routes = [url(r"/ping", h.PingHandler, args)]
     if authenticator is not None:
@@ -58,5 +65,4 @@ def make_app(
         serve_traceback=False,
         **settings,
     )
-    app.settings["kv_service"] = svc
     return app

@@ -23,10 +23,14 @@ from kvtornado.errors import (
 )
 
 MAX_JSON_DEPTH = 1000
-# The C JSON decoder and encoder recurse once per nesting level; give them room for 1000 levels
-# plus the stack of the handler that calls them. Raised once, at import, never lowered.
-if sys.getrecursionlimit() < MAX_JSON_DEPTH + 2000:
-    sys.setrecursionlimit(MAX_JSON_DEPTH + 2000)
+
+
+def allow_json_depth() -> None:
+    """The C JSON decoder and encoder recurse once per nesting level: give them room for ``MAX_JSON_DEPTH``
+    levels plus the stack of the handler that calls them. Process-wide, so the app factory calls it once
+    (not an import's side effect); it only ever raises the limit."""
+    if sys.getrecursionlimit() < MAX_JSON_DEPTH + 2000:
+        sys.setrecursionlimit(MAX_JSON_DEPTH + 2000)
 
 # A JSON string, or one bracket: enough to measure nesting without decoding.
 _DEPTH_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')

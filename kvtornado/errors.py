@@ -104,6 +104,23 @@ class DurableTimeout(KVError):
     default_message = "The write was accepted but not committed in time; it stays pending and will be written."
 
 
+# The generic error of each status: what an HTTP status raised outside our code (Tornado's own ``HTTPError``)
+# is answered as. A 405 is built by the handler, which knows the route's methods for ``Allow``.
+_BY_STATUS: dict[int, type[KVError]] = {
+    cls.status: cls for cls in (BadRequest, NotFound, TooLarge, UnsupportedMediaType, Overloaded, DurableTimeout)
+}
+
+
+def for_status(status: int) -> KVError:
+    """The ``KVError`` to answer for a bare HTTP status: its class here, else a generic one of that status."""
+    cls = _BY_STATUS.get(status)
+    if cls is not None:
+        return cls()
+    error = BadRequest() if 400 <= status < 500 else KVError()
+    error.status = status
+    return error
+
+
 class StorageError(Exception):
     """A sqlite operation failed (locked, disk full, I/O error); never shown to clients as is."""
 

@@ -1,15 +1,20 @@
 """HTTP handlers. ``BaseHandler`` authenticates, reads the body under its limit and renders every error.
 
-Handlers implement ``do_<method>`` and raise ``KVError``s; they never format an error. Every handler
-streams its body (``stream_request_body``) so an oversized request is refused with a JSON 413 before it
-is read, instead of Tornado's bare 400.
+Handlers implement ``do_<method>`` and raise ``KVError``s; they never format an error. There is one path
+for every request (``serve``) and one into the renderer: whatever is raised, in ``prepare``, ``serve`` or a
+``do_<method>``, reaches ``write_error`` through Tornado's own exception handling, which renders it as
+``{"error": code, "message": ...}`` with the status and headers its ``errors.py`` class carries. Every
+handler streams its body (``stream_request_body``) so an oversized request is refused with a JSON 413
+before it is read, instead of Tornado's bare 400.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, Protocol
 
 from tornado.web import Finish, HTTPError, RequestHandler, stream_request_body
@@ -26,13 +31,12 @@ from kvtornado.errors import (
     Overloaded,
     StorageError,
     TooLarge,
+    for_status,
 )
 
 log = logging.getLogger("kvtornado.handlers")
 
 JSON_CONTENT_TYPE = "application/json; charset=UTF-8"
-_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-                 413: "too_large", 415: "unsupported_media_type", 503: "overloaded", 504: "durable_timeout"}
 
 
 class KeyValue(Protocol):
@@ -45,6 +49,37 @@ class KeyValue(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
+class Admission:
+    """Whether new requests are served, and how many are being served: what a graceful stop needs.
+
+    The server owns one and hands it to ``make_app``; once it calls ``stop()``, every request not yet
+    being served is answered 503, and ``idle()`` returns when those already being served are done.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.in_flight = 0
+        self._idle: asyncio.Event | None = None
+
+    def enter(self) -> None:
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    async def idle(self) -> None:
+        """Return once no request is being served."""
+        if self.in_flight == 0:
+            return
+        self._idle = asyncio.Event()
+        await self._idle.wait()
+
+
 @dataclass
 class Service:
     """Collaborators and counters shared by every handler of one application."""
@@ -52,9 +87,8 @@ class Service:
     config: Config
     authenticator: Authenticator | None = None
     kv: KeyValue | None = None
+    admission: Admission = field(default_factory=Admission)
     rejected: dict[str, int] = field(default_factory=lambda: {"overloaded": 0})
-    in_flight: int = 0
-    stopping: bool = False
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -101,7 +135,7 @@ class BaseHandler(RequestHandler):
     # -- request life cycle ---------------------------------------------------------------------
 
     def prepare(self) -> None:
-        self.svc.in_flight += 1
+        self.svc.admission.enter()
         self._counted = True
         stream = getattr(self.request.connection, "stream", None)
         if stream is not None and stream.closed():
@@ -122,21 +156,20 @@ class BaseHandler(RequestHandler):
                 if name in headers:
                     del headers[name]
             self._refused = True
-            self.send_error(400, kv_error=BadRequest(framing))
-            return
+            raise BadRequest(framing)
         if announced is not None:
             size = int(announced.split(",")[0])
             if size > limit:
-                self._refuse_body(TooLarge(f"The body is {size} bytes; the limit is {limit}."), size)
+                self._stop_reading(size)
+                raise TooLarge(f"The body is {size} bytes; the limit is {limit}.")
 
-    def _refuse_body(self, exc: KVError, announced: int | None = None) -> None:
-        """Answer 413 now, without reading the body, and close the connection once it is sent."""
+    def _stop_reading(self, announced: int = 0) -> None:
+        """The body will not be read: the answer goes out now and the connection closes once it is sent."""
         self._refused = True
         self._chunks = []
         # Let Tornado discard what is on the wire instead of answering a bare 400 over our 413;
         # the connection closes as soon as our response is written, so it is not read in full.
-        self.request.connection.set_max_body_size(max(announced or 0, 1 << 62))  # type: ignore[union-attr]
-        self.send_error(exc.status, kv_error=exc)
+        self.request.connection.set_max_body_size(max(announced, 1 << 62))  # type: ignore[union-attr]
 
     def data_received(self, chunk: bytes) -> None:
         if self._refused:
@@ -144,15 +177,18 @@ class BaseHandler(RequestHandler):
         self._body_bytes += len(chunk)
         limit = self.svc.config.server.max_body_bytes
         if self._body_bytes > limit:
-            # A chunked body has no Content-Length: it is refused as soon as it passes the limit.
-            self._refuse_body(TooLarge(f"The body is over the limit of {limit} bytes."))
+            # A chunked body has no Content-Length: it is refused as soon as it passes the limit. Tornado does
+            # not route an exception from data_received to write_error, so the answer is sent from here.
+            self._stop_reading()
+            exc = TooLarge(f"The body is over the limit of {limit} bytes.")
+            self.send_error(exc.status, exc_info=(type(exc), exc, None))
             return
         self._chunks.append(chunk)
 
     def on_finish(self) -> None:
         if self._counted:
             self._counted = False
-            self.svc.in_flight -= 1
+            self.svc.admission.leave()
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
@@ -164,26 +200,43 @@ class BaseHandler(RequestHandler):
             self._chunks = [b"".join(self._chunks)]
         return self._chunks[0]
 
-    async def _dispatch(self, *args: str) -> None:
-        try:
-            if self.svc.stopping:
-                raise Overloaded("The server is shutting down.")
-            if self.auth_required:
-                self.key_id = await self._authenticate()
-            impl: Callable[[], Awaitable[None]] | None = getattr(self, "do_" + self.request.method.lower(), None)
-            if impl is None:
-                raise MethodNotAllowed(f"{self.request.method} is not allowed on {self.request.path}.",
-                                       allow=self.allowed_methods())
-            self._check_conditions()
-            self.fields = codec.query_fields(self.request.query, self.query_params)
-            await impl()
-        except StorageError as exc:
-            log.warning("storage error on %s %s: %s", self.request.method, self.request.path, exc)
-            self._fail(Overloaded("The storage is not available right now; retry shortly."))
-        except KVError as exc:
-            self._fail(exc)
+    async def serve(self) -> None:
+        """The one path of every request, whatever its method: refused while stopping, authenticated, then
+        the route's ``do_<method>`` with its query parameters checked. Raise to answer an error."""
+        if self.svc.admission.stopping:
+            raise Overloaded("The server is shutting down.")
+        if self.auth_required:
+            self.key_id = await self._authenticate()
+        impl: Callable[[], Awaitable[None]] | None = getattr(self, "do_" + self.request.method.lower(), None)
+        if impl is None:
+            raise MethodNotAllowed(f"{self.request.method} is not allowed on {self.request.path}.",
+                                   allow=self.allowed_methods())
+        self._check_conditions()
+        self.fields = codec.query_fields(self.request.query, self.query_params)
+        await impl()
 
-    get = post = put = delete = patch = options = head = _dispatch
+    # Tornado calls the method named after the request's; each one is the same call, so a subclass
+    # changes what a route does with ``do_<method>`` or ``serve``, never by rebinding these.
+    async def get(self, *args: str) -> None:
+        await self.serve()
+
+    async def post(self, *args: str) -> None:
+        await self.serve()
+
+    async def put(self, *args: str) -> None:
+        await self.serve()
+
+    async def delete(self, *args: str) -> None:
+        await self.serve()
+
+    async def patch(self, *args: str) -> None:
+        await self.serve()
+
+    async def options(self, *args: str) -> None:
+        await self.serve()
+
+    async def head(self, *args: str) -> None:
+        await self.serve()
 
     def allowed_methods(self) -> list[str]:
         """The methods this route serves (its ``do_<method>``s), for the 405's ``Allow`` header."""
@@ -227,33 +280,45 @@ class BaseHandler(RequestHandler):
         self.set_header("Cache-Control", "no-store")
         self.finish(payload)
 
-    def _fail(self, exc: KVError) -> None:
-        if isinstance(exc, Overloaded):
-            self.svc.rejected["overloaded"] += 1
-        self.send_error(exc.status, kv_error=exc)
+    def log_exception(
+        self, typ: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if isinstance(value, KVError):
+            return  # an answer to the client, not a failure of the server
+        if isinstance(value, StorageError):
+            log.warning("storage error on %s %s: %s", self.request.method, self.request.path, value)
+            return
+        super().log_exception(typ, value, tb)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc: Any = kwargs.get("kv_error")
-        if exc is None and "exc_info" in kwargs:
-            exc = kwargs["exc_info"][1]
-        if isinstance(exc, KVError):
-            code, message = exc.code, exc.message
-            for name, value in exc.headers.items():
-                self.set_header(name, value)
-        elif isinstance(exc, HTTPError) and status_code in _STATUS_CODES:
-            code = _STATUS_CODES[status_code]
-            if status_code == 405:
-                self.set_header("Allow", ", ".join(self.allowed_methods()))
-            message = {405: "This method is not allowed on this path."}.get(
-                status_code, "The request was refused: " + (self._reason or "error").lower() + "."
-            )
-        else:
-            code, message = "internal_error", "The server could not complete the request."
+        """Render what was raised: a ``KVError`` as itself, sqlite trouble as 503, Tornado's own ``HTTPError``s
+        (405 for a method it does not know, ...) as the ``errors.py`` class of their status, anything else
+        as a 500 that says nothing about its cause."""
+        raised = kwargs["exc_info"][1] if "exc_info" in kwargs else None
+        exc = self._as_kv_error(raised, status_code)
+        if isinstance(exc, Overloaded):
+            self.svc.rejected["overloaded"] += 1
+        self.set_status(exc.status)
+        for name, value in exc.headers.items():
+            self.set_header(name, value)
         if self._refused:  # the body was not read: the connection closes after this answer
             self.set_header("Connection", "close")
         self.set_header("Content-Type", JSON_CONTENT_TYPE)
         self.set_header("Cache-Control", "no-store")
-        self.finish(json_bytes({"error": code, "message": message}))
+        self.finish(json_bytes({"error": exc.code, "message": exc.message}))
+
+    def _as_kv_error(self, raised: BaseException | None, status_code: int) -> KVError:
+        if isinstance(raised, KVError):
+            return raised
+        if isinstance(raised, StorageError):
+            return Overloaded("The storage is not available right now; retry shortly.")
+        if isinstance(raised, HTTPError):
+            status_code = raised.status_code
+        elif raised is not None:
+            return KVError()  # a bug: a 500 that says nothing about its cause
+        if status_code == 405:
+            return MethodNotAllowed(allow=self.allowed_methods())
+        return for_status(status_code)
 
     # -- helpers for subclasses ------------------------------------------------------------------
 
@@ -285,10 +350,8 @@ class PingHandler(BaseHandler):
 class NotFoundHandler(BaseHandler):
     auth_required = False
 
-    async def _dispatch(self, *args: str) -> None:
-        self._fail(NotFound(f"There is no endpoint at {self.request.path}."))
-
-    get = post = put = delete = patch = options = head = _dispatch
+    async def serve(self) -> None:
+        raise NotFound(f"There is no endpoint at {self.request.path}.")
 
 
 class AuthorizeHandler(BaseHandler):

@@ -25,7 +25,7 @@ from kvtornado.auth import Authenticator, NonceJournal, load_keys
 from kvtornado.cache import WriteBehindCache
 from kvtornado.config import Config, ServerConfig, load_config
 from kvtornado.errors import ConfigError, StorageError
-from kvtornado.handlers import JSON_CONTENT_TYPE, KeyValue, Service, json_bytes
+from kvtornado.handlers import JSON_CONTENT_TYPE, Admission, KeyValue, json_bytes
 from kvtornado.store import SqliteStore
 
 log = logging.getLogger("kvtornado.server")
@@ -208,8 +208,8 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
             if not clean:
                 log.info("no clean stop recorded in %s: requests signed before now are refused",
                          authenticator.journal.path)
-        app = make_app(cfg, authenticator=authenticator, kv=kv, admin=exercise >= 4)
-        svc: Service = app.settings["kv_service"]
+        admission = Admission()
+        app = make_app(cfg, authenticator=authenticator, kv=kv, admin=exercise >= 4, admission=admission)
         server = build_http_server(app, cfg.server)
         sockets = bind_sockets(cfg.server.port, cfg.server.host)
         server.add_sockets(sockets)
@@ -232,13 +232,15 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
     log.info("signal received: stopping")
 
     server.stop()  # no new connections
-    svc.stopping = True  # new requests on open keep-alive connections get 503
+    admission.stop()  # new requests on open keep-alive connections get 503
     # The whole stop, draining included, stays within cache.shutdown_timeout_s (G7).
     stop_deadline = time.monotonic() + (cfg.cache.shutdown_timeout_s if cache is not None else DRAIN_TIMEOUT_S)
     drain_deadline = min(stop_deadline, time.monotonic() + DRAIN_TIMEOUT_S)
     # Let requests already being served finish (a durable write waits for a flush, which keeps running).
-    while svc.in_flight > 0 and time.monotonic() < drain_deadline:
-        await asyncio.sleep(0.01)
+    try:
+        await asyncio.wait_for(admission.idle(), timeout=max(0.0, drain_deadline - time.monotonic()))
+    except TimeoutError:
+        log.warning("%d requests were still being served when the drain timed out", admission.in_flight)
     status = 0
     if cache is not None:
         remaining = await cache.stop(max(0.0, stop_deadline - time.monotonic()))

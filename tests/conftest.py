@@ -12,10 +12,15 @@ import pytest
 import yaml
 from tornado.ioloop import IOLoop
 
+from kvtornado import codec
 from kvtornado.auth import Authenticator
 from kvtornado.client import Signer
 from kvtornado.config import Config, load_config
 from kvtornado.server import build_http_server
+
+# What make_app does for a server, done once for the test process, whose own code builds and decodes
+# JSON 1000 levels deep (the depth limit's test data) before any app exists.
+codec.allow_json_depth()
 
 ROOT = Path(__file__).resolve().parent.parent
 # The SPEC §4 test vector's key: 64 x "a", key id k1. Tests only; never a real secret.

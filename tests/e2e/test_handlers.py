@@ -1,0 +1,167 @@
+"""The handlers' one error path and the stop gate, over real sockets, with a key/value double behind them.
+
+``ScriptedKV`` answers like a store but can raise sqlite trouble or a bug, or hold a write until released, so
+each of the handler's outcomes can be reached on purpose: a domain error, a ``StorageError`` (503), an
+unexpected exception (500 that says nothing), Tornado's own 405, and the admission gate of a graceful stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from kvtornado.app import make_app
+from kvtornado.auth import Authenticator
+from kvtornado.client import AsyncKVClient, Signer
+from kvtornado.config import Config
+from kvtornado.errors import StorageError
+from kvtornado.handlers import Admission
+from tests.e2e.cache_helpers import assert_error, header
+from tests.e2e.helpers import RawConnection, host_of, raw_head, serving
+from tests.e2e.helpers import assert_error as assert_raw_error
+from tests.unit.fakes import wait_until
+
+SECRET_DETAIL = "disk /dev/sda3 at 97 %"  # what a failure said; no answer may repeat it
+
+
+class ScriptedKV:
+    """The ``KeyValue`` calls over a dict; ``fail`` makes every call raise it, ``hold`` stalls ``put``."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, str] = {}
+        self.fail: BaseException | None = None
+        self.hold: asyncio.Event | None = None
+        self.puts = 0
+
+    def _maybe_fail(self) -> None:
+        if self.fail is not None:
+            raise self.fail
+
+    async def get(self, key: str) -> str | None:
+        self._maybe_fail()
+        return self.data.get(key)
+
+    async def put(self, key: str, value: str, *, durable: bool = False) -> None:
+        self._maybe_fail()
+        self.puts += 1
+        if self.hold is not None:
+            await self.hold.wait()
+        self.data[key] = value
+
+    async def delete(self, key: str, *, durable: bool = False) -> bool:
+        self._maybe_fail()
+        return self.data.pop(key, None) is not None
+
+    async def flush(self) -> int:
+        self._maybe_fail()
+        return 0
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+@pytest.fixture
+def kv_double() -> ScriptedKV:
+    return ScriptedKV()
+
+
+@pytest.mark.gen_test
+async def test_sqlite_trouble_is_a_503_that_names_no_detail(
+    config: Config, authenticator: Authenticator, signer: Signer, kv_double: ScriptedKV,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    kv_double.data["k"] = "1"
+    kv_double.fail = StorageError(f"sqlite read failed: {SECRET_DETAIL}")
+    async with serving(make_app(config, authenticator=authenticator, kv=kv_double, admin=True)) as url:
+        client = AsyncKVClient(url, signer)
+        resp = await client.request("GET", "/get", params={"key": "k"})
+        doc = assert_error(resp, 503, "overloaded")
+        assert SECRET_DETAIL not in resp.body.decode()
+        assert int(header(resp, "Retry-After") or 0) >= 1
+        kv_double.fail = None
+        stats = await client.request("GET", "/stats")
+        assert stats.json()["rejected"] == {"overloaded": 1}  # refusals are counted
+    assert "retry" in doc["message"]
+    warnings = [r for r in caplog.records if r.name == "kvtornado.handlers" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and SECRET_DETAIL in warnings[0].getMessage()  # the operator sees the cause
+
+
+@pytest.mark.gen_test
+async def test_an_unexpected_exception_is_a_500_that_says_nothing_about_it(
+    config: Config, authenticator: Authenticator, signer: Signer, kv_double: ScriptedKV,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    kv_double.fail = RuntimeError(f"bug near {SECRET_DETAIL}")
+    async with serving(make_app(config, authenticator=authenticator, kv=kv_double)) as url:
+        resp = await AsyncKVClient(url, signer).request("GET", "/get", params={"key": "k"})
+    doc = assert_error(resp, 500, "internal_error")
+    assert SECRET_DETAIL not in resp.body.decode() and "Traceback" not in resp.body.decode()
+    assert doc["message"] == "The server could not complete the request."
+    assert any(r.exc_info for r in caplog.records), "the bug is logged with its traceback, server side"
+
+
+@pytest.mark.gen_test
+async def test_a_method_tornado_does_not_know_is_a_json_405_with_allow(
+    config: Config, authenticator: Authenticator, kv_double: ScriptedKV
+) -> None:
+    async with serving(make_app(config, authenticator=authenticator, kv=kv_double)) as url:
+        port = int(host_of(url).rsplit(":", 1)[1])
+        async with RawConnection(port) as conn:
+            await conn.send(raw_head("PROPFIND", "/get?key=k", {"Host": host_of(url), "Connection": "close"}))
+            resp = await conn.read_reply()
+    assert_raw_error(resp, 405, "method_not_allowed")
+    assert resp.header("Allow") == "GET"
+
+
+@pytest.mark.gen_test
+async def test_a_body_refused_from_its_content_length_closes_the_connection(
+    config: Config, authenticator: Authenticator, kv_double: ScriptedKV
+) -> None:
+    async with serving(make_app(config, authenticator=authenticator, kv=kv_double)) as url:
+        port = int(host_of(url).rsplit(":", 1)[1])
+        too_big = config.server.max_body_bytes + 1
+        async with RawConnection(port) as conn:
+            await conn.send(raw_head("POST", "/save", {"Host": host_of(url), "Content-Type": "application/json",
+                                                       "Content-Length": str(too_big)}))
+            resp = await conn.read_reply()
+            assert_raw_error(resp, 413, "too_large")
+            assert resp.header("Connection") == "close"
+            assert await conn.closed_by_server()
+    assert kv_double.puts == 0
+
+
+@pytest.mark.gen_test
+async def test_once_stopping_every_new_request_is_refused_and_idle_waits_for_those_being_served(
+    config: Config, authenticator: Authenticator, signer: Signer, kv_double: ScriptedKV
+) -> None:
+    admission = Admission()
+    app = make_app(config, authenticator=authenticator, kv=kv_double, admission=admission)
+    async with serving(app) as url:
+        client = AsyncKVClient(url, signer)
+        await admission.idle()  # nothing being served: at once
+        kv_double.hold = asyncio.Event()
+        held = asyncio.ensure_future(client.request("POST", "/save", body=b'{"key":"early","value":1}',
+                                                    content_type="application/json"))
+        await wait_until(lambda: kv_double.puts == 1, "the held save to reach the store")
+        assert admission.in_flight == 1
+
+        admission.stop()
+        for method, path, params, body in (("POST", "/save", None, b'{"key":"late","value":2}'),
+                                           ("GET", "/get", {"key": "early"}, b""),
+                                           ("GET", "/ping", None, b"")):
+            resp = await client.request(method, path, params=params, body=body,
+                                        content_type="application/json" if body else None)
+            assert_error(resp, 503, "overloaded")
+            assert header(resp, "Retry-After") == "1"
+        assert kv_double.puts == 1, "a request refused while stopping reached the store"
+
+        idle = asyncio.ensure_future(admission.idle())
+        await asyncio.sleep(0)
+        assert not idle.done(), "idle() returned while a request was being served"
+        kv_double.hold.set()
+        assert (await held).json() == {"key": "early", "saved": True}  # the one being served completes
+        await asyncio.wait_for(idle, timeout=5)
+    assert kv_double.data == {"early": "1"}
