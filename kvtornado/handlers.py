@@ -215,28 +215,12 @@ class BaseHandler(RequestHandler):
         self.fields = codec.query_fields(self.request.query, self.query_params)
         await impl()
 
-    # Tornado calls the method named after the request's; each one is the same call, so a subclass
-    # changes what a route does with ``do_<method>`` or ``serve``, never by rebinding these.
-    async def get(self, *args: str) -> None:
-        await self.serve()
+    async def _any_method(self, *args: str) -> None:
+        await self.serve()  # looked up on the instance: a subclass's serve() is the one that runs
 
-    async def post(self, *args: str) -> None:
-        await self.serve()
-
-    async def put(self, *args: str) -> None:
-        await self.serve()
-
-    async def delete(self, *args: str) -> None:
-        await self.serve()
-
-    async def patch(self, *args: str) -> None:
-        await self.serve()
-
-    async def options(self, *args: str) -> None:
-        await self.serve()
-
-    async def head(self, *args: str) -> None:
-        await self.serve()
+    # Tornado calls the method named after the request's. All of them are the same call, bound once here: a
+    # route changes what it does with ``do_<method>`` (or ``serve``), never by rebinding these.
+    get = post = put = delete = patch = options = head = _any_method
 
     def allowed_methods(self) -> list[str]:
         """The methods this route serves (its ``do_<method>``s), for the 405's ``Allow`` header."""
