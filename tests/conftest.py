@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import settings
 from tornado.ioloop import IOLoop
 
 from kvtornado import codec
@@ -21,6 +22,13 @@ from kvtornado.server import build_http_server
 # What make_app does for a server, done once for the test process, whose own code builds and decodes
 # JSON 1000 levels deep (the depth limit's test data) before any app exists.
 codec.allow_json_depth()
+
+# Hypothesis: a fixed seed per test (derandomize), so every run of `make test` is the same run and a failure
+# replays exactly as CI found it; no example database. `HYPOTHESIS_PROFILE=deep` explores far more (random
+# seeds), for a long local run.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, max_examples=300, print_blob=True)
+settings.register_profile("deep", database=None, deadline=None, max_examples=3000, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ROOT = Path(__file__).resolve().parent.parent
 # The SPEC §4 test vector's key: 64 x "a", key id k1. Tests only; never a real secret.

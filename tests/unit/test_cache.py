@@ -1262,7 +1262,6 @@ class CacheAgainstDict(RuleBasedStateMachine):
         self.loop.close()
 
 
-CacheAgainstDict.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=30, deadline=None, database=None
-)
+# Examples, seed and database come from the profile tests/conftest.py loads (a fixed seed in `make test`).
+CacheAgainstDict.TestCase.settings = settings(stateful_step_count=40)
 TestCacheAgainstDict = CacheAgainstDict.TestCase
