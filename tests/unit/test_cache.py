@@ -1265,3 +1265,167 @@ class CacheAgainstDict(RuleBasedStateMachine):
 # Examples, seed and database come from the profile tests/conftest.py loads (a fixed seed in `make test`).
 CacheAgainstDict.TestCase.settings = settings(stateful_step_count=40)
 TestCacheAgainstDict = CacheAgainstDict.TestCase
+
+
+# ================================================================================================
+# Scheduling and commit waiters, through the public interface (each test names the slip it catches)
+# ================================================================================================
+
+
+@pytest.mark.gen_test
+async def test_g6_a_durable_write_made_during_a_flush_waits_for_the_next_flush_to_commit(
+    store: FakeStore, make_cache: MakeCache
+) -> None:
+    # Answering it when the flush already running commits would acknowledge a write that flush never took.
+    clock = ManualClock()
+    cache = make_cache(store, clock=clock)
+    await cache.start()
+    await cache.put("a", '"1"')
+    store.write_gate.close()
+    flushing = asyncio.ensure_future(cache.flush())
+    await wait_until(lambda: store.write_gate.waiting == 1, "the first flush to reach the store")
+    durable = asyncio.ensure_future(cache.put("d", '"durable"', durable=True))
+    await run_ready()
+    store.writes_before_failure = 1  # the running flush commits; the one after it (taking "d") fails
+    store.write_gate.open()
+    assert await flushing == 1
+    await wait_until(lambda: flush_stats(cache)["errors"] == 1, "the flush that took the durable write")
+    await run_ready()
+    assert not durable.done(), "the durable write was answered before anything committed it"
+    assert "d" not in store.committed
+    store.heal()
+    clock.advance(0.1)  # the retry after the backoff
+    await asyncio.wait_for(durable, timeout=5)
+    assert store.committed["d"] == '"durable"'
+
+
+@pytest.mark.gen_test
+async def test_g7_stop_answers_a_durable_write_it_could_not_commit(store: FakeStore, make_cache: MakeCache) -> None:
+    clock = ManualClock()
+    cache = make_cache(store, clock=clock, durable_timeout_ms=60_000)
+    await cache.start()
+    store.fail_writes = True
+    durable = asyncio.ensure_future(cache.put("d", '"v"', durable=True))
+    await wait_until(lambda: flush_stats(cache)["errors"] == 1, "the durable write's flush to fail")
+    stopping = asyncio.ensure_future(cache.stop(1.0))
+    await wait_until(lambda: flush_stats(cache)["errors"] == 2, "stop's attempt, at once")
+    clock.advance(1.0)  # the stop's timeout; the durable write's own is a minute away
+    assert await stopping == 1
+    with pytest.raises(Overloaded, match="shutting down"):
+        await asyncio.wait_for(durable, timeout=5)
+
+
+@pytest.mark.gen_test
+async def test_pending_retry_is_zero_while_healthy_even_with_writes_waiting(make_cache: MakeCache) -> None:
+    cache = make_cache(FakeStore())
+    await cache.put("a", '"1"')
+    assert (flush_stats(cache)["pending_retry"], cache_stats(cache)["dirty"]) == (0, 1)
+
+
+@pytest.mark.gen_test
+async def test_g1_a_delete_whose_existence_read_races_a_save_deletes_the_saved_key(make_cache: MakeCache) -> None:
+    store = FakeStore()  # "k" is not in sqlite: the read that delete makes answers "absent"
+    cache = make_cache(store)
+    store.read_gate.close()
+    deleting = asyncio.ensure_future(cache.delete("k"))
+    await wait_until(lambda: store.read_gate.waiting == 1, "delete's read of the store")
+    await cache.put("k", '"saved meanwhile"')
+    store.read_gate.open()
+    assert await deleting is True  # the save landed before the delete: the delete applies to it
+    assert await cache.get("k") is None
+    assert cache.pending() == {"k": None}
+
+
+@pytest.mark.parametrize("limit", [{"max_dirty": 1}, {"max_dirty_bytes": 20}], ids=["max_dirty", "max_dirty_bytes"])
+@pytest.mark.gen_test
+async def test_g5_a_refusal_at_the_memory_limit_says_when_the_backoff_runs_out(
+    make_cache: MakeCache, limit: dict[str, int]
+) -> None:
+    store = FakeStore()
+    cache = make_cache(store, clock=ManualClock(), flush_interval_ms=1000, writes_while_failing="accept", **limit)
+    store.fail_writes = True
+    await cache.put("k", '"v"')  # at max_dirty this starts a flush of its own, which fails too
+    await run_ready()
+    for _ in range(3):
+        with pytest.raises(Overloaded):
+            await cache.flush()
+        streak = flush_stats(cache)["errors"]  # every attempt so far failed
+        with pytest.raises(Overloaded) as refused:
+            await cache.put("other-key", '"a value long enough to pass the bytes"')
+        assert refused.value.headers["Retry-After"] == str(min(5, 2 ** (streak - 1)))  # 1 s doubling, at most 5
+
+
+@pytest.mark.gen_test
+async def test_g4_the_backoff_starts_again_from_the_interval_after_a_recovery(make_cache: MakeCache) -> None:
+    store = FakeStore()
+    cache = make_cache(store, clock=ManualClock(), flush_interval_ms=1000)
+    store.fail_writes = True
+    await cache.put("k", '"v"')
+    for expected in ("1", "2", "4"):
+        with pytest.raises(Overloaded) as failed:
+            await cache.flush()
+        assert failed.value.headers["Retry-After"] == expected
+    store.heal()
+    assert await cache.flush() == 1
+    await cache.put("k", '"v2"')
+    store.fail_writes = True
+    with pytest.raises(Overloaded) as failed:
+        await cache.flush()
+    assert failed.value.headers["Retry-After"] == "1"  # a new streak, not the old one's 8 s
+
+
+@pytest.mark.parametrize("order", ["flush_then_unforced", "unforced_then_flush"])
+@pytest.mark.gen_test
+async def test_g4_post_flush_during_a_flush_retries_at_once_whatever_else_asked_meanwhile(
+    store: FakeStore, make_cache: MakeCache, order: str
+) -> None:
+    # POST /flush during a flush asks for a forced one right after it; an unforced trigger (here the size
+    # trigger of new keys) arriving before or after must not turn that into one that waits out the backoff.
+    clock = ManualClock()
+    cache = make_cache(store, clock=clock, flush_interval_ms=2000, flush_batch_size=2)
+    await cache.start()
+    store.fail_writes = True
+    await cache.put("k", '"v"')
+    store.write_gate.close()
+    clock.advance(2.0)  # the periodic flush
+    await wait_until(lambda: store.write_gate.waiting == 1, "the periodic flush to reach the store")
+
+    async def unforced() -> None:
+        await cache.put("x", '"1"')
+        await cache.put("y", '"1"')  # two new dirty keys: flush_batch_size
+
+    if order == "unforced_then_flush":
+        await unforced()
+    posted = asyncio.ensure_future(cache.flush())
+    await run_ready()
+    if order == "flush_then_unforced":
+        await unforced()
+    store.write_gate.open()  # the periodic flush fails: a 2 s backoff, which POST /flush does not wait out
+    with pytest.raises(Overloaded):
+        await asyncio.wait_for(posted, timeout=5)
+    assert flush_stats(cache)["errors"] == 2
+
+
+@pytest.mark.gen_test
+async def test_g6_a_durable_write_ignored_by_a_backoff_is_flushed_right_after_the_flush_running(
+    store: FakeStore, make_cache: MakeCache
+) -> None:
+    # During a failure backoff a durable write's trigger starts nothing; if a forced flush (POST /flush)
+    # is running, the durable write is flushed as soon as that one ends, without waiting for a timer.
+    clock = ManualClock()
+    cache = make_cache(store, clock=clock, flush_interval_ms=5000)
+    await cache.start()
+    store.fail_writes = True
+    await cache.put("k", '"v"')
+    with pytest.raises(Overloaded):
+        await cache.flush()  # a failure: 5 s of backoff from now
+    store.heal()
+    store.write_gate.close()
+    posted = asyncio.ensure_future(cache.flush())  # forced: runs at once, and stalls in the store
+    await wait_until(lambda: store.write_gate.waiting == 1, "POST /flush to reach the store")
+    durable = asyncio.ensure_future(cache.put("d", '"durable"', durable=True))
+    await run_ready()
+    store.write_gate.open()
+    assert await posted == 1
+    await asyncio.wait_for(durable, timeout=5)  # the clock has not moved: no tick or retry timer did this
+    assert store.committed == {"k": '"v"', "d": '"durable"'}
