@@ -104,10 +104,6 @@ class FlushScheduler:
     # -- state ------------------------------------------------------------------------------------
 
     @property
-    def running(self) -> bool:
-        return self._running is not None
-
-    @property
     def backoff_ms(self) -> int:
         return backoff_ms(self.streak, self.interval_ms)
 

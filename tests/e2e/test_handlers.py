@@ -19,6 +19,7 @@ from kvtornado.client import AsyncKVClient, Signer
 from kvtornado.config import Config
 from kvtornado.errors import StorageError
 from kvtornado.handlers import Admission
+from tests.conftest import TEST_KEY_ID, TEST_SECRET
 from tests.e2e.cache_helpers import assert_error, header
 from tests.e2e.helpers import RawConnection, host_of, raw_head, serving
 from tests.e2e.helpers import assert_error as assert_raw_error
@@ -165,3 +166,28 @@ async def test_once_stopping_every_new_request_is_refused_and_idle_waits_for_tho
         assert (await held).json() == {"key": "early", "saved": True}  # the one being served completes
         await asyncio.wait_for(idle, timeout=5)
     assert kv_double.data == {"early": "1"}
+
+
+class FullDiskJournal:
+    """A nonce journal whose disk is full: every ``record`` fails as a real write would."""
+
+    async def record(self, key_id: str, nonce: str, ts: int) -> None:
+        raise OSError(28, "No space left on device")
+
+
+@pytest.mark.gen_test
+async def test_a_request_whose_nonce_cannot_be_journaled_is_refused_with_503_and_not_served(
+    config: Config, kv_double: ScriptedKV, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = 1_700_000_000
+    auth = Authenticator({TEST_KEY_ID: TEST_SECRET}, clock=lambda: now + 0.5,
+                         journal=FullDiskJournal())  # type: ignore[arg-type]
+    async with serving(make_app(config, authenticator=auth, kv=kv_double)) as url:
+        ahead = AsyncKVClient(url, Signer(TEST_KEY_ID, TEST_SECRET, clock=lambda: now + 10))  # dated ahead
+        resp = await ahead.request("POST", "/save", body=b'{"key":"k","value":1}', content_type="application/json")
+        assert_error(resp, 503, "overloaded")
+        assert kv_double.puts == 0
+        on_time = AsyncKVClient(url, Signer(TEST_KEY_ID, TEST_SECRET, clock=lambda: now))  # not journaled
+        resp = await on_time.request("POST", "/save", body=b'{"key":"k","value":1}', content_type="application/json")
+        assert resp.status == 200 and kv_double.puts == 1
+    assert any("No space left on device" in r.getMessage() for r in caplog.records if r.name == "kvtornado.handlers")

@@ -118,7 +118,10 @@ class ManualClock:
 
     def call_at(self, when: float, callback: Callable[[], None]) -> _ManualTimer:
         timer = _ManualTimer(when, callback)
-        self._timers.append(timer)
+        if when <= self._now:  # already due: on the loop's next round, as the loop's own timers do
+            asyncio.get_running_loop().call_soon(lambda: None if timer.cancelled else timer.callback())
+        else:
+            self._timers.append(timer)
         return timer
 
     @property

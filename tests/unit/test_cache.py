@@ -1429,3 +1429,25 @@ async def test_g6_a_durable_write_ignored_by_a_backoff_is_flushed_right_after_th
     assert await posted == 1
     await asyncio.wait_for(durable, timeout=5)  # the clock has not moved: no tick or retry timer did this
     assert store.committed == {"k": '"v"', "d": '"durable"'}
+
+
+class BuggyStore(FakeStore):
+    """A store whose write raises something that is not a StorageError: a bug, not sqlite."""
+
+    async def write_rows(self, rows: Any) -> None:
+        raise RuntimeError("a bug in the writer")
+
+
+@pytest.mark.gen_test
+async def test_g4_an_unexpected_error_in_a_flush_is_a_failed_attempt_that_keeps_its_batch(
+    make_cache: MakeCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = BuggyStore()
+    cache = make_cache(store)
+    await cache.put("k", '"v"')
+    with pytest.raises(Overloaded):
+        await cache.flush()
+    assert cache.pending() == {"k": '"v"'}
+    assert (flush_stats(cache)["errors"], flush_stats(cache)["failing"]) == (1, True)
+    logged = [r for r in caplog.records if r.name == "kvtornado.cache" and r.exc_info]
+    assert logged and "flush failed unexpectedly" in logged[0].getMessage()
