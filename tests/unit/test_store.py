@@ -425,3 +425,41 @@ async def test_a_new_database_is_private(tmp_path: Path) -> None:
             assert oct(p.stat().st_mode & 0o777) == "0o600", p
     finally:
         await s.close()
+
+
+@pytest.mark.gen_test
+async def test_a_store_never_opened_answers_storage_error_not_a_crash(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "kv.sqlite3")
+    for call in (s.read("k"), s.write_rows([("k", "1")]), s.delete("k")):
+        with pytest.raises(StorageError, match="closed"):
+            await call
+    await s.close()
+
+
+@pytest.mark.gen_test
+async def test_a_lock_file_that_cannot_be_opened_is_a_storage_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "kv.sqlite3"
+    (tmp_path / "kv.sqlite3.lock").mkdir()  # the lock's name is taken by a folder
+    s = SqliteStore(path)
+    with pytest.raises(StorageError, match=r"kv\.sqlite3\.lock: cannot open the lock file"):
+        await s.open()
+    await s.close()
+
+
+@pytest.mark.gen_test
+async def test_sqlite_errors_on_read_and_delete_are_storage_errors(tmp_path: Path) -> None:
+    path = tmp_path / "kv.sqlite3"
+    s = SqliteStore(path, busy_timeout_ms=50)
+    await s.open()
+    try:
+        conn = direct(path)
+        conn.execute("DROP TABLE kv")  # the schema is gone under the store's feet
+        conn.close()
+        with pytest.raises(StorageError, match="sqlite read failed: no such table"):
+            await s.read("k")
+        with pytest.raises(StorageError, match="sqlite delete failed: no such table"):
+            await s.delete("k")
+        with pytest.raises(StorageError, match="sqlite write failed: no such table"):
+            await s.write_rows([("k", "1")])
+    finally:
+        await s.close()
