@@ -122,6 +122,7 @@ class BaseHandler(RequestHandler):
 
     auth_required = True
     query_params: frozenset[str] = frozenset()  # SPEC §5: each route takes only its own query parameters
+    body_methods: frozenset[str] = frozenset()  # the methods whose body this route reads; others take none
 
     def initialize(self, svc: Service) -> None:
         self.svc = svc
@@ -209,8 +210,10 @@ class BaseHandler(RequestHandler):
             self.key_id = await self._authenticate()
         impl: Callable[[], Awaitable[None]] | None = getattr(self, "do_" + self.request.method.lower(), None)
         if impl is None:
-            raise MethodNotAllowed(f"{self.request.method} is not allowed on {self.request.path}.",
-                                   allow=self.allowed_methods())
+            raise self.method_not_allowed()
+        if self.body and self.request.method not in self.body_methods:
+            # A body nobody reads is a second, unchecked reading of the request: refused, not ignored.
+            raise BadRequest(f"{self.request.method} {self.request.path} takes no body.")
         self._check_conditions()
         self.fields = codec.query_fields(self.request.query, self.query_params)
         await impl()
@@ -221,6 +224,10 @@ class BaseHandler(RequestHandler):
     # Tornado calls the method named after the request's. All of them are the same call, bound once here: a
     # route changes what it does with ``do_<method>`` (or ``serve``), never by rebinding these.
     get = post = put = delete = patch = options = head = _any_method
+
+    def method_not_allowed(self) -> KVError:
+        return MethodNotAllowed(f"{self.request.method} is not allowed on {self.request.path}.",
+                                allow=self.allowed_methods())
 
     def allowed_methods(self) -> list[str]:
         """The methods this route serves (its ``do_<method>``s), for the 405's ``Allow`` header."""
@@ -300,8 +307,8 @@ class BaseHandler(RequestHandler):
             status_code = raised.status_code
         elif raised is not None:
             return KVError()  # a bug: a 500 that says nothing about its cause
-        if status_code == 405:
-            return MethodNotAllowed(allow=self.allowed_methods())
+        if status_code == 405:  # Tornado's answer to a method outside SUPPORTED_METHODS (PROPFIND, ...)
+            return self.method_not_allowed()
         return for_status(status_code)
 
     # -- helpers for subclasses ------------------------------------------------------------------
@@ -335,10 +342,14 @@ class NotFoundHandler(BaseHandler):
     auth_required = False
 
     async def serve(self) -> None:
-        raise NotFound(f"There is no endpoint at {self.request.path}.")
+        raise self.method_not_allowed()
+
+    def method_not_allowed(self) -> KVError:
+        return NotFound(f"There is no endpoint at {self.request.path}.")  # whatever the method
 
 
 class AuthorizeHandler(BaseHandler):
+    body_methods = frozenset({"GET", "POST"})  # any body: it is signed, and that is what /authorize checks
     async def do_get(self) -> None:
         self.send_json(json_bytes({"authorized": True, "key_id": self.key_id}))
 
@@ -347,6 +358,7 @@ class AuthorizeHandler(BaseHandler):
 
 class SaveHandler(BaseHandler):
     query_params = frozenset({"durable"})
+    body_methods = frozenset({"POST"})
 
     async def do_post(self) -> None:
         limits = self.svc.config.limits
@@ -373,6 +385,7 @@ class GetHandler(BaseHandler):
 
 class DeleteHandler(BaseHandler):
     query_params = frozenset({"key", "durable"})
+    body_methods = frozenset({"POST"})  # DELETE names its key in the query only
 
     async def _remove(self, key: str, durable: bool) -> None:
         if not await self.kv.delete(key, durable=durable):

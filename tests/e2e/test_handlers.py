@@ -191,3 +191,49 @@ async def test_a_request_whose_nonce_cannot_be_journaled_is_refused_with_503_and
         resp = await on_time.request("POST", "/save", body=b'{"key":"k","value":1}', content_type="application/json")
         assert resp.status == 200 and kv_double.puts == 1
     assert any("No space left on device" in r.getMessage() for r in caplog.records if r.name == "kvtornado.handlers")
+
+
+@pytest.mark.parametrize(("method", "path", "params"), [
+    ("POST", "/flush", None), ("GET", "/stats", None), ("GET", "/get", {"key": "k"}), ("GET", "/ping", None),
+    ("DELETE", "/delete", {"key": "k"}),  # DELETE names its key in the query; a body would be a second reading
+])
+@pytest.mark.gen_test
+async def test_a_body_on_a_request_that_takes_none_is_refused_and_nothing_is_done(
+    config: Config, authenticator: Authenticator, signer: Signer, kv_double: ScriptedKV,
+    method: str, path: str, params: dict[str, str] | None,
+) -> None:
+    kv_double.data["k"] = "1"
+    flushed = []
+
+    async def flush() -> int:
+        flushed.append(True)
+        return 0
+
+    kv_double.flush = flush  # type: ignore[method-assign]
+    async with serving(make_app(config, authenticator=authenticator, kv=kv_double, admin=True)) as url:
+        resp = await AsyncKVClient(url, signer).request(method, path, params=params, body=b'{"key":"other"}',
+                                                       content_type="application/json")
+    doc = assert_error(resp, 400, "bad_request")
+    assert "takes no body" in doc["message"]
+    assert kv_double.data == {"k": "1"} and flushed == []
+
+
+@pytest.mark.gen_test
+async def test_a_body_on_post_authorize_is_signed_and_accepted(
+    config: Config, authenticator: Authenticator, signer: Signer
+) -> None:
+    async with serving(make_app(config, authenticator=authenticator)) as url:
+        resp = await AsyncKVClient(url, signer).request("POST", "/authorize", body=b"any bytes, signed")
+    assert resp.status == 200 and resp.json()["authorized"] is True
+
+
+@pytest.mark.parametrize("method", ["PROPFIND", "GET", "BREW"])
+@pytest.mark.gen_test
+async def test_an_unknown_path_is_404_whatever_the_method(config: Config, method: str) -> None:
+    async with serving(make_app(config)) as url:
+        port = int(host_of(url).rsplit(":", 1)[1])
+        async with RawConnection(port) as conn:
+            await conn.send(raw_head(method, "/nope", {"Host": host_of(url), "Connection": "close"}))
+            resp = await conn.read_reply()
+    assert_raw_error(resp, 404, "not_found")
+    assert resp.header("Allow") is None
