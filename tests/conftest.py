@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import settings
+from hypothesis import Phase, settings
 from tornado.ioloop import IOLoop
 
 from kvtornado import codec
@@ -28,6 +28,10 @@ codec.allow_json_depth()
 # seeds), for a long local run.
 settings.register_profile("ci", derandomize=True, database=None, deadline=None, max_examples=300, print_blob=True)
 settings.register_profile("deep", database=None, deadline=None, max_examples=3000, print_blob=True)
+# `make mutate`: the ci run with 100 examples and no shrink phase (shrinking only runs once a test has failed,
+# so it changes no verdict; fewer examples may, which docs/TESTING.md says).
+settings.register_profile("mutate", settings.get_profile("ci"), max_examples=100,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ROOT = Path(__file__).resolve().parent.parent
