@@ -28,6 +28,7 @@ from kvtornado.config import Config
 from kvtornado.scheduler import Clock
 from kvtornado.store import MAX_BUSY_TIMEOUT_MS, SqliteStore
 from tests.conftest import TEST_KEY_ID, TEST_SECRET
+from tests.e2e.helpers import is_sentence
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 JSON_CT = "application/json; charset=UTF-8"
@@ -93,6 +94,7 @@ def assert_error(resp: Response, status: int, code: str) -> dict[str, Any]:
     assert isinstance(doc, dict) and set(doc) == {"error", "message"}, doc
     assert doc["error"] == code, doc
     assert isinstance(doc["message"], str) and doc["message"].strip() and "\n" not in doc["message"], doc
+    assert is_sentence(doc["message"]), doc
     assert header(resp, "Cache-Control") == "no-store", resp.headers
     return doc
 

@@ -121,6 +121,12 @@ def assert_json(resp: Reply, status: int) -> Any:
     return resp.json()
 
 
+def is_sentence(message: str) -> bool:
+    """SPEC §5's ``message``: one sentence for a person — it ends with a full stop (or ?) and is not shouted.
+    (It may open with a field name or a count in its own case: ``ts must be ...``, ``3 writes ...``.)"""
+    return message.endswith((".", "?")) and not message.isupper()
+
+
 def assert_error(resp: Reply, status: int, code: str) -> dict[str, Any]:
     """SPEC §5's error shape exactly: ``{"error": code, "message": <one sentence>}``, JSON content type,
     no store; for a 401 also ``WWW-Authenticate: KV-HMAC-SHA256 error="<code>"``."""
@@ -130,6 +136,7 @@ def assert_error(resp: Reply, status: int, code: str) -> dict[str, Any]:
     message = doc["message"]
     assert isinstance(message, str) and message.strip(), doc
     assert "\n" not in message and "Traceback" not in message, doc
+    assert is_sentence(message), doc
     assert resp.header("Cache-Control") == "no-store", resp.headers
     if status == 401:
         assert resp.header("WWW-Authenticate") == f'KV-HMAC-SHA256 error="{code}"', resp.headers

@@ -36,6 +36,7 @@ class ScriptedKV:
         self.fail: BaseException | None = None
         self.hold: asyncio.Event | None = None
         self.puts = 0
+        self.durable: list[bool] = []  # the durable flag of every put and delete
 
     def _maybe_fail(self) -> None:
         if self.fail is not None:
@@ -48,12 +49,14 @@ class ScriptedKV:
     async def put(self, key: str, value: str, *, durable: bool = False) -> None:
         self._maybe_fail()
         self.puts += 1
+        self.durable.append(durable)
         if self.hold is not None:
             await self.hold.wait()
         self.data[key] = value
 
     async def delete(self, key: str, *, durable: bool = False) -> bool:
         self._maybe_fail()
+        self.durable.append(durable)
         return self.data.pop(key, None) is not None
 
     async def flush(self) -> int:
@@ -136,13 +139,16 @@ async def test_a_body_refused_from_its_content_length_closes_the_connection(
 
 @pytest.mark.gen_test
 async def test_once_stopping_every_new_request_is_refused_and_idle_waits_for_those_being_served(
-    config: Config, authenticator: Authenticator, signer: Signer, kv_double: ScriptedKV
+    config: Config, authenticator: Authenticator, signer: Signer, kv_double: ScriptedKV,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     admission = Admission()
     app = make_app(config, authenticator=authenticator, kv=kv_double, admission=admission)
     async with serving(app) as url:
         client = AsyncKVClient(url, signer)
         await admission.idle()  # nothing being served: at once
+        assert (await client.request("GET", "/ping")).status == 200
+        assert admission.in_flight == 0
         kv_double.hold = asyncio.Event()
         held = asyncio.ensure_future(client.request("POST", "/save", body=b'{"key":"early","value":1}',
                                                     content_type="application/json"))
@@ -166,6 +172,7 @@ async def test_once_stopping_every_new_request_is_refused_and_idle_waits_for_tho
         assert (await held).json() == {"key": "early", "saved": True}  # the one being served completes
         await asyncio.wait_for(idle, timeout=5)
     assert kv_double.data == {"early": "1"}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text  # nothing broke in a hook
 
 
 class FullDiskJournal:
@@ -237,3 +244,23 @@ async def test_an_unknown_path_is_404_whatever_the_method(config: Config, method
             resp = await conn.read_reply()
     assert_raw_error(resp, 404, "not_found")
     assert resp.header("Allow") is None
+
+
+@pytest.mark.parametrize(("flag", "durable"), [("1", True), ("true", True), ("0", False), ("false", False),
+                                               (None, False)])
+@pytest.mark.gen_test
+async def test_durable_takes_1_true_0_false_on_save_and_both_deletes(
+    config: Config, authenticator: Authenticator, signer: Signer, kv_double: ScriptedKV,
+    flag: str | None, durable: bool,
+) -> None:
+    query = {} if flag is None else {"durable": flag}
+    async with serving(make_app(config, authenticator=authenticator, kv=kv_double)) as url:
+        client = AsyncKVClient(url, signer)
+        saved = await client.request("POST", "/save", params=query, body=b'{"key":"k","value":1}',
+                                     content_type="application/json")
+        deleted = await client.request("DELETE", "/delete", params={"key": "k", **query})
+        await client.request("POST", "/save", body=b'{"key":"k","value":1}', content_type="application/json")
+        posted = await client.request("POST", "/delete", params=query, body=b'{"key":"k"}',
+                                      content_type="application/json")
+    assert [saved.status, deleted.status, posted.status] == [200, 200, 200]
+    assert kv_double.durable == [durable, durable, False, durable]
