@@ -311,7 +311,8 @@ class WriteBehindCache:
             return
         if self._loading.get(key) is load:
             del self._loading[key]
-        if not load.stale and value is not None and self._pending_value(key) is _ABSENT:
+        # Not stale: no write to the key since the read began (a miss reads only keys with no pending write).
+        if not load.stale and value is not None:
             self._remember(key, value)
         # A stale read still answers the reads that started before the write: for them it is current.
         load.future.set_result(value)

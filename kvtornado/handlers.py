@@ -37,6 +37,11 @@ from kvtornado.errors import (
 log = logging.getLogger("kvtornado.handlers")
 
 JSON_CONTENT_TYPE = "application/json; charset=UTF-8"
+CONTENT_TYPE = "Content-Type"
+# Every JSON answer carries these (header names are case-insensitive: Tornado normalises them).
+_JSON_HEADERS = ((CONTENT_TYPE, JSON_CONTENT_TYPE), ("Cache-Control", "no-store"))
+_CONDITION_HEADERS = ("If-Match", "If-None-Match")
+_DISCARD_ANY = 1 << 62  # a body size limit no body reaches: Tornado reads and drops what is on the wire
 
 
 class KeyValue(Protocol):
@@ -170,7 +175,7 @@ class BaseHandler(RequestHandler):
         self._chunks = []
         # Let Tornado discard what is on the wire instead of answering a bare 400 over our 413;
         # the connection closes as soon as our response is written, so it is not read in full.
-        self.request.connection.set_max_body_size(max(announced, 1 << 62))  # type: ignore[union-attr]
+        self.request.connection.set_max_body_size(max(announced, _DISCARD_ANY))  # type: ignore[union-attr]
 
     def data_received(self, chunk: bytes) -> None:
         if self._refused:
@@ -236,7 +241,7 @@ class BaseHandler(RequestHandler):
     def _check_conditions(self) -> None:
         # The signature covers the query, not the headers: a condition header could be stripped in transit and
         # the write applied unconditionally, so conditions are only ever taken from the signed query.
-        for name in ("If-Match", "If-None-Match"):
+        for name in _CONDITION_HEADERS:
             if name in self.request.headers:
                 raise BadRequest(f"{name} is not supported: the signature does not cover headers; "
                                  "put the condition in the query as ?if_version=N.")
@@ -267,9 +272,12 @@ class BaseHandler(RequestHandler):
 
     def send_json(self, payload: bytes, status: int = 200) -> None:
         self.set_status(status)
-        self.set_header("Content-Type", JSON_CONTENT_TYPE)
-        self.set_header("Cache-Control", "no-store")
+        self._set_json_headers()
         self.finish(payload)
+
+    def _set_json_headers(self) -> None:
+        for name, value in _JSON_HEADERS:
+            self.set_header(name, value)
 
     def log_exception(
         self, typ: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
@@ -285,7 +293,7 @@ class BaseHandler(RequestHandler):
         """Render what was raised: a ``KVError`` as itself, sqlite trouble as 503, Tornado's own ``HTTPError``s
         (405 for a method it does not know, ...) as the ``errors.py`` class of their status, anything else
         as a 500 that says nothing about its cause."""
-        raised = kwargs["exc_info"][1] if "exc_info" in kwargs else None
+        raised = kwargs.get("exc_info", (None, None, None))[1]
         exc = self._as_kv_error(raised, status_code)
         if isinstance(exc, Overloaded):
             self.svc.rejected["overloaded"] += 1
@@ -294,8 +302,7 @@ class BaseHandler(RequestHandler):
             self.set_header(name, value)
         if self._refused:  # the body was not read: the connection closes after this answer
             self.set_header("Connection", "close")
-        self.set_header("Content-Type", JSON_CONTENT_TYPE)
-        self.set_header("Cache-Control", "no-store")
+        self._set_json_headers()
         self.finish(json_bytes({"error": exc.code, "message": exc.message}))
 
     def _as_kv_error(self, raised: BaseException | None, status_code: int) -> KVError:
@@ -305,8 +312,7 @@ class BaseHandler(RequestHandler):
             return Overloaded("The storage is not available right now; retry shortly.")
         if isinstance(raised, HTTPError):
             status_code = raised.status_code
-        elif raised is not None:
-            return KVError()  # a bug: a 500 that says nothing about its cause
+        # A bug is Tornado's send_error(500): a KVError 500 that says nothing about its cause.
         if status_code == 405:  # Tornado's answer to a method outside SUPPORTED_METHODS (PROPFIND, ...)
             return self.method_not_allowed()
         return for_status(status_code)
@@ -364,7 +370,7 @@ class SaveHandler(BaseHandler):
         limits = self.svc.config.limits
         durable = self.durable()
         key, value = codec.parse_save(
-            self.request.headers.get("Content-Type"), self.body,
+            self.request.headers.get(CONTENT_TYPE), self.body,
             max_key_bytes=limits.max_key_bytes, max_value_bytes=limits.max_value_bytes,
         )
         await self.kv.put(key, value, durable=durable)
@@ -404,7 +410,7 @@ class DeleteHandler(BaseHandler):
         if self.body:
             if "key" in fields:
                 raise BadRequest("Name the key once: in the body or in the query, not both.")
-            key = codec.parse_key_body(self.request.headers.get("Content-Type"), self.body, max_key_bytes=max_key)
+            key = codec.parse_key_body(self.request.headers.get(CONTENT_TYPE), self.body, max_key_bytes=max_key)
         else:
             key = codec.key_from_query(fields, max_key_bytes=max_key)
         await self._remove(key, self.durable())

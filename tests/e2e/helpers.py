@@ -121,10 +121,16 @@ def assert_json(resp: Reply, status: int) -> Any:
     return resp.json()
 
 
+# Messages that open with the name of a field (or a count) keep its case: ``ts must be ...``, ``3 writes ...``.
+LOWERCASE_OPENERS = frozenset({"ts", "sig", "nonce", "keyid", "durable", "sqlite"})
+
+
 def is_sentence(message: str) -> bool:
-    """SPEC §5's ``message``: one sentence for a person — it ends with a full stop (or ?) and is not shouted.
-    (It may open with a field name or a count in its own case: ``ts must be ...``, ``3 writes ...``.)"""
-    return message.endswith((".", "?")) and not message.isupper()
+    """SPEC §5's ``message``: one sentence for a person. It ends with a full stop (or ?), is not shouted, and
+    starts with a capital letter, a digit, or a field name (``LOWERCASE_OPENERS``)."""
+    first = message.split(" ", 1)[0].rstrip(":,;")
+    opens = message[:1].isupper() or message[:1].isdigit() or first in LOWERCASE_OPENERS
+    return opens and message.endswith((".", "?")) and not message.isupper()
 
 
 def assert_error(resp: Reply, status: int, code: str) -> dict[str, Any]:

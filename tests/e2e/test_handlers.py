@@ -88,9 +88,10 @@ async def test_sqlite_trouble_is_a_503_that_names_no_detail(
         kv_double.fail = None
         stats = await client.request("GET", "/stats")
         assert stats.json()["rejected"] == {"overloaded": 1}  # refusals are counted
-    assert "retry" in doc["message"]
+    assert doc["message"] == "The storage is not available right now; retry shortly."
     warnings = [r for r in caplog.records if r.name == "kvtornado.handlers" and r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and SECRET_DETAIL in warnings[0].getMessage()  # the operator sees the cause
+    assert len(warnings) == 1  # the operator sees the request and the cause
+    assert warnings[0].getMessage() == f"storage error on GET /get: sqlite read failed: {SECRET_DETAIL}"
 
 
 @pytest.mark.gen_test
@@ -104,7 +105,10 @@ async def test_an_unexpected_exception_is_a_500_that_says_nothing_about_it(
     doc = assert_error(resp, 500, "internal_error")
     assert SECRET_DETAIL not in resp.body.decode() and "Traceback" not in resp.body.decode()
     assert doc["message"] == "The server could not complete the request."
-    assert any(r.exc_info for r in caplog.records), "the bug is logged with its traceback, server side"
+    logged = [r for r in caplog.records if r.exc_info]  # the bug, logged with its traceback, server side
+    assert len(logged) == 1 and logged[0].levelno == logging.ERROR, caplog.text
+    typ, value, tb = logged[0].exc_info  # type: ignore[misc]
+    assert typ is RuntimeError and value is kv_double.fail and tb is not None
 
 
 @pytest.mark.gen_test
@@ -116,13 +120,14 @@ async def test_a_method_tornado_does_not_know_is_a_json_405_with_allow(
         async with RawConnection(port) as conn:
             await conn.send(raw_head("PROPFIND", "/get?key=k", {"Host": host_of(url), "Connection": "close"}))
             resp = await conn.read_reply()
-    assert_raw_error(resp, 405, "method_not_allowed")
+    doc = assert_raw_error(resp, 405, "method_not_allowed")
     assert resp.header("Allow") == "GET"
+    assert doc["message"] == "PROPFIND is not allowed on /get."
 
 
 @pytest.mark.gen_test
 async def test_a_body_refused_from_its_content_length_closes_the_connection(
-    config: Config, authenticator: Authenticator, kv_double: ScriptedKV
+    config: Config, authenticator: Authenticator, kv_double: ScriptedKV, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with serving(make_app(config, authenticator=authenticator, kv=kv_double)) as url:
         port = int(host_of(url).rsplit(":", 1)[1])
@@ -131,10 +136,12 @@ async def test_a_body_refused_from_its_content_length_closes_the_connection(
             await conn.send(raw_head("POST", "/save", {"Host": host_of(url), "Content-Type": "application/json",
                                                        "Content-Length": str(too_big)}))
             resp = await conn.read_reply()
-            assert_raw_error(resp, 413, "too_large")
+            doc = assert_raw_error(resp, 413, "too_large")
             assert resp.header("Connection") == "close"
             assert await conn.closed_by_server()
     assert kv_double.puts == 0
+    assert doc["message"] == f"The body is {too_big} bytes; the limit is {config.server.max_body_bytes}."
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text  # Tornado was told too
 
 
 @pytest.mark.gen_test
@@ -221,7 +228,7 @@ async def test_a_body_on_a_request_that_takes_none_is_refused_and_nothing_is_don
         resp = await AsyncKVClient(url, signer).request(method, path, params=params, body=b'{"key":"other"}',
                                                        content_type="application/json")
     doc = assert_error(resp, 400, "bad_request")
-    assert "takes no body" in doc["message"]
+    assert doc["message"] == f"{method} {path} takes no body."
     assert kv_double.data == {"k": "1"} and flushed == []
 
 
@@ -242,8 +249,9 @@ async def test_an_unknown_path_is_404_whatever_the_method(config: Config, method
         async with RawConnection(port) as conn:
             await conn.send(raw_head(method, "/nope", {"Host": host_of(url), "Connection": "close"}))
             resp = await conn.read_reply()
-    assert_raw_error(resp, 404, "not_found")
+    doc = assert_raw_error(resp, 404, "not_found")
     assert resp.header("Allow") is None
+    assert doc["message"] == "There is no endpoint at /nope."
 
 
 @pytest.mark.parametrize(("flag", "durable"), [("1", True), ("true", True), ("0", False), ("false", False),
@@ -264,3 +272,37 @@ async def test_durable_takes_1_true_0_false_on_save_and_both_deletes(
                                       content_type="application/json")
     assert [saved.status, deleted.status, posted.status] == [200, 200, 200]
     assert kv_double.durable == [durable, durable, False, durable]
+
+
+@pytest.mark.parametrize(("query", "body", "status", "code", "message"), [
+    (None, b"", 400, "missing_key", 'Send the key as {"key": ...} in the body or as ?key=...'),
+    ({"key": "k"}, b'{"key":"k"}', 400, "bad_request", "Name the key once: in the body or in the query, not both."),
+    ({"key": "absent"}, b"", 404, "not_found", "No such key."),
+    ({"durable": "yes", "key": "k"}, b"", 400, "bad_request", "durable must be 1, 0, true or false."),
+])
+@pytest.mark.gen_test
+async def test_post_delete_refusals_say_what_to_send(
+    config: Config, authenticator: Authenticator, signer: Signer, kv_double: ScriptedKV,
+    query: dict[str, str] | None, body: bytes, status: int, code: str, message: str,
+) -> None:
+    kv_double.data["k"] = "1"
+    async with serving(make_app(config, authenticator=authenticator, kv=kv_double)) as url:
+        resp = await AsyncKVClient(url, signer).request("POST", "/delete", params=query, body=body,
+                                                       content_type="application/json")
+    assert resp.status == status and resp.json() == {"error": code, "message": message}
+    assert kv_double.data == {"k": "1"}
+
+
+@pytest.mark.parametrize("header", ["If-Match", "If-None-Match"])
+@pytest.mark.gen_test
+async def test_a_condition_header_is_refused_with_where_to_put_it(
+    config: Config, authenticator: Authenticator, signer: Signer, kv_double: ScriptedKV, header: str
+) -> None:
+    async with serving(make_app(config, authenticator=authenticator, kv=kv_double)) as url:
+        resp = await AsyncKVClient(url, signer).request("GET", "/get", params={"key": "k"},
+                                                       headers={header: '"1"'})
+    assert resp.status == 400 and resp.json() == {
+        "error": "bad_request",
+        "message": f"{header} is not supported: the signature does not cover headers; "
+                   "put the condition in the query as ?if_version=N.",
+    }

@@ -1451,3 +1451,49 @@ async def test_g4_an_unexpected_error_in_a_flush_is_a_failed_attempt_that_keeps_
     assert (flush_stats(cache)["errors"], flush_stats(cache)["failing"]) == (1, True)
     logged = [r for r in caplog.records if r.name == "kvtornado.cache" and r.exc_info]
     assert logged and "flush failed unexpectedly" in logged[0].getMessage()
+
+
+
+@pytest.mark.gen_test
+async def test_g6_a_durable_delete_is_taken_while_refusing_and_waits_through_a_failed_attempt(
+    make_cache: MakeCache,
+) -> None:
+    store = FakeStore({"k": '"old"'})
+    clock = ManualClock()
+    cache = make_cache(store, clock=clock)
+    await cache.start()
+    await cache.put("x", '"1"')
+    store.fail_writes = True
+    with pytest.raises(Overloaded):
+        await cache.flush()  # failing: non-durable writes are refused from now on (G9)
+    with pytest.raises(Overloaded):
+        await cache.delete("k")
+    deleting = asyncio.ensure_future(cache.delete("k", durable=True))  # a durable one is taken
+    await wait_until(lambda: "k" in cache.pending(), "the durable delete's tombstone")
+    clock.advance(0.1)  # the retry after the first backoff, which fails too
+    await wait_until(lambda: flush_stats(cache)["errors"] == 2, "the retry that took the durable delete")
+    await run_ready()
+    assert not deleting.done(), "a failed attempt answered the durable delete"
+    store.heal()
+    clock.advance(0.2)  # the retry after the backoff
+    assert await asyncio.wait_for(deleting, timeout=5) is True
+    assert "k" not in store.committed
+
+
+class ExplodingReads(FakeStore):
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    async def read(self, key: str) -> str | None:
+        raise self.error
+
+
+@pytest.mark.gen_test
+async def test_g1_a_failed_miss_read_is_a_storage_error_and_keeps_sqlites_own_words(make_cache: MakeCache) -> None:
+    own = StorageError("sqlite read failed: disk I/O error")
+    with pytest.raises(StorageError) as failed:
+        await make_cache(ExplodingReads(own)).get("k")
+    assert failed.value is own
+    with pytest.raises(StorageError, match=r"^read failed: RuntimeError\('a bug'\)$"):
+        await make_cache(ExplodingReads(RuntimeError("a bug"))).get("k")

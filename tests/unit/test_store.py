@@ -431,7 +431,7 @@ async def test_a_new_database_is_private(tmp_path: Path) -> None:
 async def test_a_store_never_opened_answers_storage_error_not_a_crash(tmp_path: Path) -> None:
     s = SqliteStore(tmp_path / "kv.sqlite3")
     for call in (s.read("k"), s.write_rows([("k", "1")]), s.delete("k")):
-        with pytest.raises(StorageError, match="closed"):
+        with pytest.raises(StorageError, match=r"^the store is closed$"):
             await call
     await s.close()
 
@@ -463,3 +463,28 @@ async def test_sqlite_errors_on_read_and_delete_are_storage_errors(tmp_path: Pat
             await s.write_rows([("k", "1")])
     finally:
         await s.close()
+
+
+@pytest.mark.gen_test
+async def test_close_closes_both_connections_so_the_wal_is_checkpointed_away(tmp_path: Path) -> None:
+    path = tmp_path / "kv.sqlite3"
+    s = SqliteStore(path)
+    await s.open()
+    await s.write_rows([("k", "1")])
+    assert await s.read("k") == "1"
+    wal = path.with_name(path.name + "-wal")
+    assert wal.exists()
+    await s.close()
+    assert not wal.exists(), "a connection was left open: sqlite removes the WAL when the last one closes"
+    assert query(path, "SELECT key, value FROM kv") == [("k", "1")]
+
+
+@pytest.mark.gen_test
+async def test_the_counters_add_up_over_several_calls(store: SqliteStore) -> None:
+    await store.write_rows([("a", "1"), ("b", "2")])
+    await store.write_rows([("c", "3")])
+    await store.read("a")
+    await store.read("nope")
+    assert await store.delete("a") is True
+    assert await store.delete("a") is False
+    assert store.stats() == {"storage": {"reads": 2, "row_writes": 4, "commits": 4}}
