@@ -6,6 +6,7 @@ import hashlib
 import logging
 import re
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -504,6 +505,13 @@ SECRET_LIKE = "S3cr3t-" * 6  # 42 printable characters: must never be echoed
                      id="vertical-tab-does-not-shift-line-numbers"),
         pytest.param(["# no keys yet", "", "   "], 0o600, ": no keys", id="no-keys"),
         pytest.param([], 0o600, ": no keys", id="empty-file"),
+        pytest.param([f"k1 {SECRET_LIKE}\x0b"], 0o600, "line 1: secret for key id 'k1' must be printable ASCII",
+                     id="vertical-tab-after-secret"),
+        pytest.param([f"\x0ck1 {SECRET_LIKE}"], 0o600, "line 1: key id must match", id="form-feed-before-key-id"),
+        pytest.param([f"k1 {SECRET_LIKE}\x7f"], 0o600, "line 1: secret for key id 'k1' must be printable ASCII",
+                     id="delete-just-above-tilde"),
+        pytest.param([f"k1 {SECRET_LIKE[:20]} {SECRET_LIKE[20:]}"], 0o600, "line 1: expected '<key_id> <secret>'",
+                     id="space-just-below-bang-separates"),
     ],
 )
 def test_keys_file_refusals(tmp_path: Path, lines: list[str], mode: int, expected: str) -> None:
@@ -663,3 +671,327 @@ async def test_authenticate_journals_only_requests_dated_ahead_of_the_clock(tmp_
     with pytest.raises(AuthError):
         await a.authenticate(**signed(ts=NOW + 1, nonce="r" * 16))
     journal.close(None)
+
+
+# --- error messages a client can rely on ----------------------------------------------------------------
+
+
+def assert_client_message(message: str, *names: str) -> None:
+    """One sentence (a capital or a parameter name first, a full stop last, not shouted) naming the culprit."""
+    assert "\n" not in message and message.endswith("."), message
+    assert message != message.upper(), message
+    first_word = message.split(" ", 1)[0]
+    assert first_word[0].isupper() or first_word in ("keyid", "ts", "nonce", "sig"), message
+    for name in names:
+        assert name in message, (name, message)
+
+
+@pytest.mark.parametrize(
+    ("value", "code", "names"),
+    [
+        pytest.param(None, "missing_auth", ("Authorization", "KV-HMAC-SHA256"), id="missing"),
+        pytest.param(header() + "\r\nX-Other: 1", "malformed_auth", ("Authorization header", "CR or LF"), id="crlf"),
+        pytest.param("Bearer abcdef", "malformed_auth", ("Authorization scheme", "KV-HMAC-SHA256"), id="scheme"),
+        pytest.param(header() + ", extra=1", "malformed_auth", ("keyid, ts, nonce and sig", "name=value"),
+                     id="unknown-param"),
+        pytest.param(header() + ", ts=1700000000", "malformed_auth", ("parameter ts", "more than once"),
+                     id="duplicated-ts"),
+        pytest.param("KV-HMAC-SHA256 keyid=k1, ts=1700000000", "malformed_auth", ("lacks nonce, sig",),
+                     id="missing-nonce-and-sig"),
+        pytest.param(header(keyid="k/1"), "malformed_auth", ("keyid", "[A-Za-z0-9._-]{1,64}"), id="keyid"),
+        pytest.param(header(ts="soon"), "malformed_auth", ("ts", "base-10 integer"), id="ts"),
+        # a value holding '=' is a bad value of its parameter, not an unknown parameter
+        pytest.param(header(ts="1=2"), "malformed_auth", ("ts must be", "base-10 integer"), id="ts-with-equals"),
+        pytest.param(header(nonce="n" * 15), "malformed_auth", ("nonce", "[A-Za-z0-9_-]{16,64}"), id="nonce"),
+        pytest.param(header(sig="A" * 64), "malformed_auth", ("sig", "64 lowercase hex"), id="sig"),
+    ],
+)
+def test_header_refusals_name_what_is_wrong(value: str | None, code: str, names: tuple[str, ...]) -> None:
+    with pytest.raises(AuthError) as info:
+        parse_authorization(value)
+    assert info.value.code == code
+    assert_client_message(info.value.message, *names)
+
+
+def test_verification_refusals_name_what_is_wrong() -> None:
+    clock = Clock(NOW)
+    auth = Authenticator({TEST_KEY_ID: TEST_SECRET}, max_skew_s=SKEW_S, max_nonces=1, clock=clock, started_s=NOW - 50)
+    cases: list[tuple[dict[str, Any], str, tuple[str, ...]]] = [
+        (signed(b"b" * 64, key_id="k2"), "unknown_key", ("key id", "not known")),
+        (signed(b"b" * 64), "bad_signature", ("signature", "does not match")),
+        (signed(ts=NOW - SKEW_S - 1), "stale_timestamp", (f"window of {SKEW_S} s", "X-KV-Server-Time")),
+        (signed(ts=NOW - 50), "stale_timestamp", ("restarted", "X-KV-Server-Time")),
+    ]
+    for request, code, names in cases:
+        err = auth_error(auth, **request)
+        assert err.code == code
+        assert_client_message(err.message, *names)
+
+    used = signed(ts=NOW - 10, nonce="used-nonce-0123456")
+    assert auth.verify(**used) == TEST_KEY_ID
+    err = auth_error(auth, **used)
+    assert err.code == "replayed_nonce"
+    assert_client_message(err.message, "nonce", "used already")
+
+    assert auth.verify(**signed(ts=NOW - 5)) == TEST_KEY_ID  # the store (1 entry) is full: drops NOW - 10
+    err = auth_error(auth, **signed(ts=NOW - 10))
+    assert err.code == "stale_timestamp"
+    assert_client_message(err.message, "nonce store is full")
+
+
+# --- more of the Authenticator ----------------------------------------------------------------------------
+
+
+def test_default_window_is_300_s_and_default_store_holds_a_million_nonces() -> None:
+    auth = Authenticator({TEST_KEY_ID: TEST_SECRET}, clock=lambda: NOW)
+    assert auth.verify(**signed(ts=NOW - 300)) == TEST_KEY_ID
+    err = auth_error(auth, **signed(ts=NOW - 301))
+    assert err.code == "stale_timestamp"
+    assert "300 s" in err.message
+    assert auth.nonces.max_entries == 1_000_000  # README: auth.max_nonces defaults to 1000000
+
+
+def test_public_host_is_lower_cased_as_the_client_lower_cases_it() -> None:
+    # an internationalised name written in Unicode: "ß".upper().lower() is "ss", so only .lower() matches
+    auth = Authenticator({TEST_KEY_ID: TEST_SECRET}, public_host="KV.Straße.example", clock=lambda: NOW)
+    via_proxy = signed(host="kv.straße.example") | {"host": "127.0.0.1:8888"}
+    assert auth.verify(**via_proxy) == TEST_KEY_ID
+
+
+def test_started_s_given_at_construction_refuses_up_to_that_second() -> None:
+    auth = Authenticator({TEST_KEY_ID: TEST_SECRET}, max_skew_s=SKEW_S, clock=lambda: NOW + 10, started_s=NOW)
+    err = auth_error(auth, **signed(ts=NOW))
+    assert err.code == "stale_timestamp"
+    assert err.headers["X-KV-Server-Time"] == str(NOW + 10)
+    assert auth.verify(**signed(ts=NOW + 1)) == TEST_KEY_ID
+
+
+def test_restore_keeps_an_entry_at_the_edge_of_the_window_and_drops_one_just_outside() -> None:
+    auth = Authenticator({TEST_KEY_ID: TEST_SECRET}, max_skew_s=SKEW_S, clock=lambda: NOW)
+    edge = (NOW - SKEW_S, TEST_KEY_ID, "e" * 16)
+    outside = (NOW - SKEW_S - 1, TEST_KEY_ID, "o" * 16)
+    auth.restore([edge, outside], clean=True)
+
+    assert auth.nonces.entries() == [edge]
+    assert not auth.nonces.seen(TEST_KEY_ID, "o" * 16)
+    # the remembered one is still a replay, judged at the very edge of the window
+    assert auth_error(auth, **signed(ts=NOW - SKEW_S, nonce="e" * 16)).code == "replayed_nonce"
+
+
+def test_remember_takes_in_a_nonce_once_even_if_the_journal_lists_it_twice() -> None:
+    clock = Clock(NOW)
+    auth = Authenticator({TEST_KEY_ID: TEST_SECRET}, max_skew_s=SKEW_S, clock=clock)
+    auth.remember([(NOW - 5, TEST_KEY_ID, "d" * 16), (NOW - 3, TEST_KEY_ID, "d" * 16), (NOW - 3, "k2", "d" * 16)])
+
+    assert sorted(auth.nonces.entries()) == [(NOW - 5, TEST_KEY_ID, "d" * 16), (NOW - 3, "k2", "d" * 16)]
+    # once both seconds have left the window, they expire cleanly and requests go on being served
+    clock.now = NOW + SKEW_S + 10
+    assert auth.verify(**signed(ts=NOW + SKEW_S + 10)) == TEST_KEY_ID
+    assert len(auth.nonces) == 1
+
+
+def test_restore_after_a_clean_stop_sets_no_start_up_floor() -> None:
+    auth = Authenticator({TEST_KEY_ID: TEST_SECRET}, max_skew_s=SKEW_S, clock=lambda: NOW)
+    auth.restore([], clean=True)
+    assert auth.verify(**signed(ts=NOW - 1)) == TEST_KEY_ID
+
+
+# --- more of the NonceStore --------------------------------------------------------------------------------
+
+
+def test_nonce_store_entries_lists_every_remembered_nonce_with_its_timestamp() -> None:
+    store = NonceStore(max_entries=10, max_skew_s=SKEW_S)
+    assert store.entries() == []
+    store.add("old-key", "nonce_A-000000000", NOW - 1, NOW)
+    store.add("new.key_2", "nonce_B-000000000", NOW, NOW)
+    store.add("old-key", "nonce_C-000000000", NOW, NOW)
+
+    assert sorted(store.entries()) == [
+        (NOW - 1, "old-key", "nonce_A-000000000"),
+        (NOW, "new.key_2", "nonce_B-000000000"),
+        (NOW, "old-key", "nonce_C-000000000"),
+    ]
+
+
+def test_nonce_store_does_not_keep_a_nonce_of_the_second_it_just_dropped() -> None:
+    store = NonceStore(max_entries=1, max_skew_s=SKEW_S)
+    store.add("k", "a", NOW, NOW)
+    store.add("k", "b", NOW, NOW)  # full: NOW is dropped, and with it the floor refuses b's second anyway
+    assert store.floor == NOW
+    assert len(store) == 0 and not store.seen("k", "b")
+    assert store.entries() == []
+
+
+def test_nonce_store_floor_never_falls_when_an_older_entry_is_dropped_later() -> None:
+    store = NonceStore(max_entries=2, max_skew_s=SKEW_S)
+    store.add("k", "a", NOW + 10, NOW)
+    store.add("k", "b", NOW + 20, NOW)
+    store.add("k", "c", NOW + 30, NOW)  # full: drops NOW + 10
+    assert store.floor == NOW + 10
+    store.add("k", "g", NOW + 331, NOW + 331)  # b and c leave the window
+    store.add("k", "d", NOW + 5, NOW)  # the clock stepped back: an entry older than the floor comes in
+    store.add("k", "e", NOW + 40, NOW)  # full: drops NOW + 5, below the floor
+    assert store.floor == NOW + 10
+    assert store.below_floor(NOW + 10)
+
+
+# --- more of the keys file ---------------------------------------------------------------------------------
+
+
+def test_secret_may_use_the_first_and_last_printable_characters() -> None:
+    secret = "!~" * 16
+    assert parse_keys(f"k1 {secret}\n", label="x") == {"k1": secret.encode("ascii")}
+
+
+def test_crlf_keys_file_and_x_at_either_end_of_a_field() -> None:
+    text = f"XkeyX {'X' * 40}\r\nk2 {GOOD}X\r\n"
+    assert parse_keys(text, label="x") == {"XkeyX": b"X" * 40, "k2": (GOOD + "X").encode()}
+
+
+def test_load_keys_creates_the_folders_and_the_file_with_private_modes(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "kv.keys"
+    assert list(load_keys(path)) == ["default"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_load_keys_creates_the_file_in_an_existing_folder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kvtornado.auth")
+    path = tmp_path / "kv.keys"
+    keys = load_keys(path)
+    assert list(keys) == ["default"] and len(keys["default"]) == 64
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [f"created keys file {path} with one new key 'default'"]
+
+
+def test_load_keys_under_a_file_says_a_parent_is_not_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "not-a-folder").write_text("", encoding="ascii")
+    path = tmp_path / "not-a-folder" / "kv.keys"
+    with pytest.raises(ConfigError) as info:
+        load_keys(path)
+    assert str(info.value) == f"{path}: keys file is missing and cannot be created (a parent is not a folder)"
+
+    with pytest.raises(ConfigError) as info:
+        load_keys(path, create=False)
+    assert str(info.value).startswith(f"{path}: cannot read keys file (")
+
+
+# --- more of the NonceJournal ------------------------------------------------------------------------------
+
+
+def test_journal_creates_its_folders_private(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "kv.nonces"
+    j = NonceJournal(path, clock=lambda: NOW)
+    assert j.open() == ([], True)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    j.close(None)
+
+
+def test_journal_under_a_file_names_its_lock_file(tmp_path: Path) -> None:
+    (tmp_path / "not-a-folder").write_text("", encoding="ascii")
+    j = NonceJournal(tmp_path / "not-a-folder" / "kv.nonces", clock=lambda: NOW)
+    with pytest.raises(ConfigError) as info:
+        j.open()
+    assert str(info.value).startswith(
+        f"{tmp_path / 'not-a-folder' / 'kv.nonces.lock'}: cannot open the nonce journal's lock file (")
+    j.close(None)
+
+
+def test_journal_that_is_a_folder_cannot_be_read(tmp_path: Path) -> None:
+    path = tmp_path / "kv.nonces"
+    path.mkdir()
+    j = NonceJournal(path, clock=lambda: NOW)
+    with pytest.raises(ConfigError) as info:
+        j.open()
+    assert str(info.value).startswith(f"{path}: cannot read the nonce journal (")
+    j.close(None)
+
+
+def test_journal_that_cannot_be_rewritten_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "kv.nonces"
+    (tmp_path / "kv.nonces.tmp").mkdir()  # the rewrite goes through <path>.tmp
+    j = NonceJournal(path, clock=lambda: NOW)
+    with pytest.raises(ConfigError) as info:
+        j.open()
+    assert str(info.value).startswith(f"{path}: cannot write the nonce journal (")
+    j.close(None)
+
+
+def test_journal_skips_garbled_and_non_ascii_lines(tmp_path: Path) -> None:
+    path = tmp_path / "kv.nonces"
+    path.write_bytes("".join([
+        f"{NOW + 100} k1 {'a' * 16}\n",
+        f"{NOW + 101} k/1 {'b' * 16}\n",  # a key id that no key file can hold
+        f"{NOW + 102} ké {'c' * 16}\n",  # not ASCII
+        f"{NOW + 103}  k1 {'d' * 16}\n",  # two spaces
+        f"{NOW + 104} k1 {'e' * 16}\n",
+    ]).encode())
+    j = NonceJournal(path, clock=lambda: NOW)
+    entries, clean = j.open()
+    j.close(None)
+    assert not clean
+    assert entries == [(NOW + 100, "k1", "a" * 16), (NOW + 104, "k1", "e" * 16)]
+
+
+def test_journal_open_drops_entries_of_the_current_second_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "kv.nonces"
+    path.write_text(f"{NOW + 150} k1 {'a' * 16}\n{NOW + 151} k1 {'b' * 16}\n", encoding="ascii")
+    j = NonceJournal(path, clock=lambda: NOW + 150.5)
+    entries, _ = j.open()
+    j.close(None)
+    assert entries == [(NOW + 150, "k1", "a" * 16), (NOW + 151, "k1", "b" * 16)]  # all returned, to remember
+    assert path.read_text(encoding="ascii") == f"{NOW + 151} k1 {'b' * 16}\n"  # only those a floor cannot cover
+
+
+@pytest.mark.gen_test
+async def test_journal_compacts_every_n_appends_and_drops_the_current_second(tmp_path: Path) -> None:
+    path = tmp_path / "kv.nonces"
+    clock = Clock(NOW)
+    j = NonceJournal(path, clock=clock)
+    j.COMPACT_EVERY = 3
+    j.open()
+
+    def lines() -> list[str]:
+        return path.read_text(encoding="ascii").splitlines()
+
+    await j.record("k1", "a" * 16, NOW + 1)
+    await j.record("k1", "b" * 16, NOW + 2)
+    clock.now = NOW + 2.5
+    await j.record("k1", "c" * 16, NOW + 50)  # 3rd append: compacts; NOW + 2 is the current second, covered
+    assert lines() == [f"{NOW + 50} k1 {'c' * 16}"]
+
+    clock.now = NOW + 60
+    await j.record("k1", "d" * 16, NOW + 70)
+    await j.record("k1", "e" * 16, NOW + 80)  # two appends since: no compaction yet, NOW + 50 stays
+    assert lines() == [f"{NOW + 50} k1 {'c' * 16}", f"{NOW + 70} k1 {'d' * 16}", f"{NOW + 80} k1 {'e' * 16}"]
+    await j.record("k1", "f" * 16, NOW + 90)  # the 3rd: compacts again
+    assert lines() == [f"{NOW + 70} k1 {'d' * 16}", f"{NOW + 80} k1 {'e' * 16}", f"{NOW + 90} k1 {'f' * 16}"]
+    j.close(None)
+
+
+@pytest.mark.gen_test
+async def test_journal_writes_on_its_own_named_thread(tmp_path: Path) -> None:
+    threads: list[str] = []
+
+    def clock() -> float:  # compaction reads the clock on the thread that writes
+        threads.append(threading.current_thread().name)
+        return NOW
+
+    j = NonceJournal(tmp_path / "kv.nonces", clock=clock)
+    j.COMPACT_EVERY = 1
+    j.open()
+    threads.clear()
+    await j.record("k1", "a" * 16, NOW + 1)
+    await j.record("k1", "b" * 16, NOW + 2)
+    j.close(None)
+    assert len(threads) == 2
+    assert all(name.startswith("kv-nonce-journal") for name in threads), threads
+
+
+def test_journal_close_with_entries_writes_them_and_the_clean_line(tmp_path: Path) -> None:
+    path = tmp_path / "kv.nonces"
+    j = NonceJournal(path, clock=lambda: NOW)
+    j.open()
+    j.close([(NOW - 1, "k1", "a" * 16), (NOW, "k2", "b" * 16)])
+    assert path.read_text(encoding="ascii") == f"{NOW - 1} k1 {'a' * 16}\n{NOW} k2 {'b' * 16}\nclean\n"
+    assert not (tmp_path / "kv.nonces.tmp").exists()

@@ -1497,3 +1497,37 @@ async def test_g1_a_failed_miss_read_is_a_storage_error_and_keeps_sqlites_own_wo
     assert failed.value is own
     with pytest.raises(StorageError, match=r"^read failed: RuntimeError\('a bug'\)$"):
         await make_cache(ExplodingReads(RuntimeError("a bug"))).get("k")
+
+
+@pytest.mark.gen_test
+async def test_stats_report_every_counter_and_limit(store: FakeStore, make_cache: MakeCache) -> None:
+    cache = make_cache(store, max_entries=7, max_bytes=7000, max_dirty=70, max_dirty_bytes=70_000,
+                       flush_interval_ms=123)
+    await cache.put("a", '"1"')
+    await cache.put("b", '"22"')
+    assert await cache.flush() == 2
+    await cache.put("c", '"333"')
+    assert await cache.get("a") == '"1"'  # a hit
+    assert await cache.get("zz") is None  # a miss
+    stats = cache.stats()
+    assert stats["cache"] == {
+        "entries": 3, "clean": 2, "hits": 1, "misses": 1, "evictions": 0, "dirty": 1,
+        "dirty_bytes": 1 + 5, "clean_bytes": (1 + 3) + (1 + 4),
+        "max_entries": 7, "max_bytes": 7000, "max_dirty": 70, "max_dirty_bytes": 70_000,
+    }
+    flush = dict(stats["flush"])
+    assert isinstance(flush.pop("last_ms"), float)
+    assert flush == {"count": 1, "rows": 2, "errors": 0, "pending_retry": 0, "failing": False,
+                     "refusing_writes": False, "interval_ms": 123}
+
+
+@pytest.mark.gen_test
+async def test_stop_logs_what_it_flushed_or_could_not(
+    store: FakeStore, make_cache: MakeCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kvtornado.cache")
+    cache = make_cache(store)
+    await cache.put("a", '"1"')
+    await cache.put("b", '"2"')
+    assert await cache.stop(1.0) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "kvtornado.cache"] == ["shutdown: flushed 2 writes"]
