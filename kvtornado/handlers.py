@@ -38,6 +38,11 @@ log = logging.getLogger("kvtornado.handlers")
 
 JSON_CONTENT_TYPE = "application/json; charset=UTF-8"
 CONTENT_TYPE = "Content-Type"
+CONTENT_LENGTH = "Content-Length"
+TRANSFER_ENCODING = "Transfer-Encoding"
+AUTHORIZATION = "Authorization"
+HOST = "Host"
+CONNECTION = "Connection"
 # Every JSON answer carries these (header names are case-insensitive: Tornado normalises them).
 _JSON_HEADERS = ((CONTENT_TYPE, JSON_CONTENT_TYPE), ("Cache-Control", "no-store"))
 _CONDITION_HEADERS = ("If-Match", "If-None-Match")
@@ -153,12 +158,12 @@ class BaseHandler(RequestHandler):
             raise Finish()
         headers = self.request.headers
         limit = self.svc.config.server.max_body_bytes
-        announced = headers.get("Content-Length")
-        framing = _framing_error(announced, headers.get("Transfer-Encoding"), self.request.version)
+        announced = headers.get(CONTENT_LENGTH)
+        framing = _framing_error(announced, headers.get(TRANSFER_ENCODING), self.request.version)
         if framing is not None:
             # Tornado would answer these with a bare 400 after us; with the framing headers gone it reads
             # no body and closes the connection once our JSON answer is written.
-            for name in ("Content-Length", "Transfer-Encoding"):
+            for name in (CONTENT_LENGTH, TRANSFER_ENCODING):
                 if name in headers:
                     del headers[name]
             self._refused = True
@@ -253,9 +258,9 @@ class BaseHandler(RequestHandler):
         path, _, query = req.uri.partition("?") if req.uri else ("", "", "")
         try:
             return await self.svc.authenticator.authenticate(
-                authorization=req.headers.get("Authorization"),
+                authorization=req.headers.get(AUTHORIZATION),
                 method=req.method or "",
-                host=req.headers.get("Host", ""),
+                host=req.headers.get(HOST, ""),
                 path=path,
                 query=query,
                 body=self.body,
@@ -301,7 +306,7 @@ class BaseHandler(RequestHandler):
         for name, value in exc.headers.items():
             self.set_header(name, value)
         if self._refused:  # the body was not read: the connection closes after this answer
-            self.set_header("Connection", "close")
+            self.set_header(CONNECTION, "close")
         self._set_json_headers()
         self.finish(json_bytes({"error": exc.code, "message": exc.message}))
 
@@ -384,7 +389,7 @@ class GetHandler(BaseHandler):
         key = codec.key_from_query(self.fields, max_key_bytes=self.svc.config.limits.max_key_bytes)
         value = await self.kv.get(key)
         if value is None:
-            raise NotFound("No such key.")
+            raise NotFound()  # its message: "No such key."
         # The stored value is already compact JSON text: splice it in instead of decoding it again.
         self.send_json(('{"key":' + codec.compact_json(key) + ',"value":' + value + "}").encode("utf-8"))
 
@@ -395,7 +400,7 @@ class DeleteHandler(BaseHandler):
 
     async def _remove(self, key: str, durable: bool) -> None:
         if not await self.kv.delete(key, durable=durable):
-            raise NotFound("No such key.")
+            raise NotFound()  # its message: "No such key."
         self.send_json(json_bytes({"key": key, "deleted": True}))
 
     async def do_delete(self) -> None:

@@ -36,6 +36,13 @@ _UPSERT = (
 )
 _DELETE = "DELETE FROM kv WHERE key = ?"
 _SELECT = "SELECT value FROM kv WHERE key = ?"
+# Statements without parameters, named once (SQL keywords are case-insensitive).
+_WAL = "PRAGMA journal_mode = WAL"
+_USER_VERSION = "PRAGMA user_version"
+_BEGIN = "BEGIN IMMEDIATE"
+_COMMIT = "COMMIT"
+_ROLLBACK = "ROLLBACK"
+_PROBE = "SELECT count(*) FROM kv LIMIT 1"
 
 # One row write: (key, value JSON text), or (key, None) for a delete.
 Row = tuple[str, "str | None"]
@@ -50,7 +57,7 @@ def _connect(path: Path, synchronous: str, busy_timeout_ms: int) -> sqlite3.Conn
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         # A file that is not a database fails here, not in connect(): the connection must still be closed.
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = conn.execute(_WAL).fetchone()[0]
         if str(mode).lower() != "wal":
             raise StorageError(f"{path}: cannot switch sqlite to WAL journal mode (got {mode})")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
@@ -145,17 +152,17 @@ class SqliteStore:
         conn: sqlite3.Connection | None = None
         try:
             conn = _connect(self.path, self.synchronous, self.busy_timeout_ms)
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            version = conn.execute(_USER_VERSION).fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StorageError(
                     f"{self.path}: database schema version {version} is newer than this program's ({SCHEMA_VERSION})"
                 )
             if version < SCHEMA_VERSION:
-                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(_BEGIN)
                 conn.execute(_SCHEMA)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-            conn.execute("SELECT count(*) FROM kv LIMIT 1").fetchone()
+                conn.execute(_COMMIT)
+            conn.execute(_PROBE).fetchone()
         except BaseException as exc:
             # Whatever failed after the connection was made, it is closed here: never left to the GC.
             if conn is not None:
@@ -222,15 +229,15 @@ class SqliteStore:
         # Sorted keys turn random B-tree updates into a sequential walk (about 3x faster here).
         ordered = sorted(dict(rows).items())  # keys are unique now: tuples compare by key alone
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(_BEGIN)
             conn.executemany(_UPSERT, [(k, v, now) for k, v in ordered if v is not None])
             conn.executemany(_DELETE, [(k,) for k, v in ordered if v is None])
-            conn.execute("COMMIT")
+            conn.execute(_COMMIT)
             return len(ordered)
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 try:
-                    conn.execute("ROLLBACK")
+                    conn.execute(_ROLLBACK)
                 except sqlite3.Error:
                     pass
             raise StorageError(f"sqlite write failed: {exc}") from None

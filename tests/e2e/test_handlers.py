@@ -168,7 +168,7 @@ async def test_once_stopping_every_new_request_is_refused_and_idle_waits_for_tho
                                            ("GET", "/ping", None, b"")):
             resp = await client.request(method, path, params=params, body=body,
                                         content_type="application/json" if body else None)
-            assert_error(resp, 503, "overloaded")
+            assert assert_error(resp, 503, "overloaded")["message"] == "The server is shutting down."
             assert header(resp, "Retry-After") == "1"
         assert kv_double.puts == 1, "a request refused while stopping reached the store"
 
@@ -199,12 +199,14 @@ async def test_a_request_whose_nonce_cannot_be_journaled_is_refused_with_503_and
     async with serving(make_app(config, authenticator=auth, kv=kv_double)) as url:
         ahead = AsyncKVClient(url, Signer(TEST_KEY_ID, TEST_SECRET, clock=lambda: now + 10))  # dated ahead
         resp = await ahead.request("POST", "/save", body=b'{"key":"k","value":1}', content_type="application/json")
-        assert_error(resp, 503, "overloaded")
+        assert assert_error(resp, 503, "overloaded")["message"] == (
+            "The server cannot record this request's nonce right now; retry shortly.")
         assert kv_double.puts == 0
         on_time = AsyncKVClient(url, Signer(TEST_KEY_ID, TEST_SECRET, clock=lambda: now))  # not journaled
         resp = await on_time.request("POST", "/save", body=b'{"key":"k","value":1}', content_type="application/json")
         assert resp.status == 200 and kv_double.puts == 1
-    assert any("No space left on device" in r.getMessage() for r in caplog.records if r.name == "kvtornado.handlers")
+    assert [r.getMessage() for r in caplog.records if r.name == "kvtornado.handlers"] == [
+        "cannot record a nonce in the journal: No space left on device"]
 
 
 @pytest.mark.parametrize(("method", "path", "params"), [
@@ -306,3 +308,54 @@ async def test_a_condition_header_is_refused_with_where_to_put_it(
         "message": f"{header} is not supported: the signature does not cover headers; "
                    "put the condition in the query as ?if_version=N.",
     }
+
+
+@pytest.mark.gen_test
+async def test_framing_and_chunked_size_refusals_say_what_is_wrong(
+    config: Config, authenticator: Authenticator, kv_double: ScriptedKV
+) -> None:
+    limit = config.server.max_body_bytes
+    async with serving(make_app(config, authenticator=authenticator, kv=kv_double)) as url:
+        port, host = int(host_of(url).rsplit(":", 1)[1]), host_of(url)
+        async with RawConnection(port) as conn:
+            await conn.send(raw_head("POST", "/save", {"Host": host, "Content-Length": "abc"}))
+            framing = await conn.read_reply()
+        async with RawConnection(port) as conn:
+            await conn.send(raw_head("POST", "/save", {"Host": host, "Transfer-Encoding": "chunked",
+                                                       "Content-Type": "application/json"}),
+                            b"%x\r\n" % (limit + 1) + b"x" * (limit + 1) + b"\r\n")
+            chunked_reply = await conn.read_reply()
+    framing_message = assert_raw_error(framing, 400, "bad_request")["message"]
+    assert framing_message == "Content-Length must be one non-negative integer."
+    chunked_message = assert_raw_error(chunked_reply, 413, "too_large")["message"]
+    assert chunked_message == f"The body is over the limit of {limit} bytes."
+    assert chunked_reply.header("Connection") == "close" and kv_double.puts == 0
+
+
+@pytest.mark.gen_test
+async def test_a_request_without_host_is_signed_over_an_empty_host(
+    config: Config, authenticator: Authenticator, signer: Signer
+) -> None:
+    async with serving(make_app(config, authenticator=authenticator)) as url:
+        port = int(host_of(url).rsplit(":", 1)[1])
+        auth = signer.authorization("GET", "", "/authorize", "", b"")
+        async with RawConnection(port) as conn:
+            await conn.send(b"GET /authorize HTTP/1.0\r\nAuthorization: " + auth.encode() + b"\r\n\r\n")
+            resp = await conn.read_reply()
+    assert resp.status == 200, resp.body
+
+
+@pytest.mark.gen_test
+async def test_requests_tornado_refuses_before_prepare_leave_nothing_counted_in_flight(config: Config) -> None:
+    admission = Admission()
+    async with serving(make_app(config, admission=admission)) as url:
+        port = int(host_of(url).rsplit(":", 1)[1])
+        for _ in range(2):
+            async with RawConnection(port) as conn:
+                await conn.send(raw_head("PROPFIND", "/ping", {"Host": host_of(url), "Connection": "close"}))
+                assert (await conn.read_reply()).status == 405
+        async with RawConnection(port) as conn:
+            await conn.send(raw_head("GET", "/ping", {"Host": host_of(url), "Connection": "close"}))
+            assert (await conn.read_reply()).status == 200
+        assert admission.in_flight == 0
+        await asyncio.wait_for(admission.idle(), timeout=5)

@@ -896,6 +896,7 @@ async def test_g6_durable_write_waits_through_a_failed_attempt_for_the_retry(
     clock.advance(0.1)  # the retry after the backoff
     await put
     assert store.committed == {"k": '"v"'}
+    assert flush_stats(cache)["count"] == 1  # that one retry answered it: no further flush was needed
 
 
 # ================================================================================================
@@ -1311,7 +1312,7 @@ async def test_g7_stop_answers_a_durable_write_it_could_not_commit(store: FakeSt
     await wait_until(lambda: flush_stats(cache)["errors"] == 2, "stop's attempt, at once")
     clock.advance(1.0)  # the stop's timeout; the durable write's own is a minute away
     assert await stopping == 1
-    with pytest.raises(Overloaded, match="shutting down"):
+    with pytest.raises(Overloaded, match=r"^The server is shutting down\.$"):
         await asyncio.wait_for(durable, timeout=5)
 
 
@@ -1450,7 +1451,10 @@ async def test_g4_an_unexpected_error_in_a_flush_is_a_failed_attempt_that_keeps_
     assert cache.pending() == {"k": '"v"'}
     assert (flush_stats(cache)["errors"], flush_stats(cache)["failing"]) == (1, True)
     logged = [r for r in caplog.records if r.name == "kvtornado.cache" and r.exc_info]
-    assert logged and "flush failed unexpectedly" in logged[0].getMessage()
+    assert logged and logged[0].getMessage() == "flush failed unexpectedly"
+    warned = [r.getMessage() for r in caplog.records if r.name == "kvtornado.cache" and r.levelno == logging.WARNING]
+    assert warned == ["flush failed (unexpected flush error: RuntimeError('a bug in the writer')); 1 writes kept, "
+                      "retrying with backoff from 100 ms"]
 
 
 
@@ -1507,11 +1511,12 @@ async def test_stats_report_every_counter_and_limit(store: FakeStore, make_cache
     await cache.put("b", '"22"')
     assert await cache.flush() == 2
     await cache.put("c", '"333"')
-    assert await cache.get("a") == '"1"'  # a hit
+    for key in ("a", "c", "c", "a"):  # hits on a clean entry and on a pending write, in both orders
+        assert await cache.get(key) is not None
     assert await cache.get("zz") is None  # a miss
     stats = cache.stats()
     assert stats["cache"] == {
-        "entries": 3, "clean": 2, "hits": 1, "misses": 1, "evictions": 0, "dirty": 1,
+        "entries": 3, "clean": 2, "hits": 4, "misses": 1, "evictions": 0, "dirty": 1,
         "dirty_bytes": 1 + 5, "clean_bytes": (1 + 3) + (1 + 4),
         "max_entries": 7, "max_bytes": 7000, "max_dirty": 70, "max_dirty_bytes": 70_000,
     }
@@ -1531,3 +1536,83 @@ async def test_stop_logs_what_it_flushed_or_could_not(
     await cache.put("b", '"2"')
     assert await cache.stop(1.0) == 0
     assert [r.getMessage() for r in caplog.records if r.name == "kvtornado.cache"] == ["shutdown: flushed 2 writes"]
+
+
+@pytest.mark.gen_test
+async def test_g6_a_timed_out_waiter_does_not_keep_a_later_one_from_its_answer(
+    store: FakeStore, make_cache: MakeCache
+) -> None:
+    clock = ManualClock()
+    cache = make_cache(store, clock=clock, durable_timeout_ms=1000)
+    store.write_gate.close()
+    first = asyncio.ensure_future(cache.put("a", '"1"', durable=True))
+    await wait_until(lambda: store.write_gate.waiting == 1, "the first durable write's flush")
+    clock.advance(1.0)  # its timeout: answered 504, the write stays pending
+    with pytest.raises(DurableTimeout):
+        await first
+    second = asyncio.ensure_future(cache.put("b", '"2"', durable=True))  # waits for the next flush
+    await run_ready()
+    store.write_gate.open()
+    await asyncio.wait_for(second, timeout=5)
+    assert store.committed == {"a": '"1"', "b": '"2"'}
+
+
+def test_nbytes_is_utf8_bytes_and_nothing_for_a_tombstone() -> None:
+    assert (nbytes(None), nbytes(""), nbytes("abc"), nbytes("é"), nbytes("☃x")) == (0, 0, 3, 2, 4)
+
+
+@pytest.mark.gen_test
+async def test_every_refusal_and_timeout_says_why_in_its_own_words(store: FakeStore, make_cache: MakeCache) -> None:
+    clock = ManualClock()
+    cache = make_cache(store, clock=clock, max_dirty=2, max_dirty_bytes=20, durable_timeout_ms=1000)
+    await cache.put("a", '"1"')  # 1 + 3 bytes
+    with pytest.raises(Overloaded) as too_many_bytes:
+        await cache.put("b", '"' + "x" * 20 + '"')
+    assert too_many_bytes.value.message == "4 bytes of writes are waiting for sqlite; retry shortly."
+    await cache.put("b", '"2"')
+    with pytest.raises(Overloaded) as too_many_keys:
+        await cache.put("c", '"3"')
+    assert too_many_keys.value.message == "2 writes are waiting for sqlite; retry shortly."
+    store.write_gate.close()
+    for durable, what in ((True, "The write was"), (False, "The flush was")):
+        call = cache.put("a", '"4"', durable=True) if durable else cache.flush()
+        waiting = asyncio.ensure_future(call)
+        await run_ready()
+        clock.advance(1.0)
+        with pytest.raises(DurableTimeout) as timed_out:
+            await waiting
+        assert timed_out.value.message == (f"{what} not committed within 1000 ms; "
+                                           "pending writes stay pending and will be written.")
+    store.write_gate.open()
+    store.fail_writes = True
+    await wait_until(lambda: flush_stats(cache)["errors"] >= 1, "the stalled flush to fail")
+    with pytest.raises(Overloaded) as refused:
+        await cache.put("a", '"5"')
+    assert refused.value.message == "sqlite is failing: writes are refused until a flush succeeds; retry shortly."
+
+
+@pytest.mark.gen_test
+async def test_the_byte_bounds_hold_exactly_at_their_limit(store: FakeStore, make_cache: MakeCache) -> None:
+    cache = make_cache(store, max_dirty_bytes=8, max_bytes=8)
+    await cache.put("a", '"12"')  # 1 + 4 = 5 bytes
+    await cache.put("b", '""')  # 1 + 2: exactly 8, accepted (and a flush is due)
+    assert cache_stats(cache)["dirty_bytes"] == 8
+    with pytest.raises(Overloaded):
+        await cache.put("a", '"123"')  # one byte more than the limit
+    await cache.flush()  # (the flush that reaching the limit started may have taken them already)
+    assert store.committed == {"a": '"12"', "b": '""'}
+    assert cache.cached() == {"a": '"12"', "b": '""'}  # 5 + 3 = 8 bytes: exactly max_bytes, nothing evicted
+    assert cache_stats(cache)["evictions"] == 0
+
+
+@pytest.mark.gen_test
+async def test_flush_stats_add_up_and_time_each_flush(store: FakeStore, make_cache: MakeCache) -> None:
+    cache = make_cache(store)
+    await cache.put("a", '"1"')
+    await cache.put("b", '"2"')
+    assert await cache.flush() == 2
+    await cache.put("c", '"3"')
+    assert await cache.flush() == 1
+    stats = flush_stats(cache)
+    assert (stats["count"], stats["rows"]) == (2, 3)
+    assert 0 <= stats["last_ms"] < 60_000

@@ -488,3 +488,13 @@ async def test_the_counters_add_up_over_several_calls(store: SqliteStore) -> Non
     assert await store.delete("a") is True
     assert await store.delete("a") is False
     assert store.stats() == {"storage": {"reads": 2, "row_writes": 4, "commits": 4}}
+
+
+@pytest.mark.gen_test
+async def test_a_closed_store_says_so_in_its_own_words_and_the_default_is_full_sync(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "kv.sqlite3")
+    assert s.synchronous == "FULL"  # SPEC §3's default: every commit is on disk
+    await s.open()
+    await s.close()
+    with pytest.raises(StorageError, match=r"^the store is closed$"):
+        await s.read("k")
