@@ -16,6 +16,7 @@ time with a manual clock instead of waiting for it.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -116,7 +117,7 @@ class FlushScheduler:
         """Retry-After for a refusal: healthy, a flush is on its way now; failing, when the backoff runs out."""
         if not self.streak:
             return 1
-        return max(1, -int(-(self.retry_at - self.clock.now()) // 1))  # ceil, at least 1
+        return max(1, math.ceil(self.retry_at - self.clock.now()))
 
     # -- life cycle -------------------------------------------------------------------------------
 

@@ -897,23 +897,17 @@ def test_journal_under_a_file_names_its_lock_file(tmp_path: Path) -> None:
     j.close(None)
 
 
-def test_journal_that_is_a_folder_cannot_be_read(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("in_the_way", "refusal"), [
+    ("kv.nonces", "cannot read the nonce journal ("),
+    ("kv.nonces.tmp", "cannot write the nonce journal ("),  # the rewrite goes through <path>.tmp
+])
+def test_a_journal_that_cannot_be_read_or_rewritten_is_refused(tmp_path: Path, in_the_way: str, refusal: str) -> None:
     path = tmp_path / "kv.nonces"
-    path.mkdir()
+    (tmp_path / in_the_way).mkdir()  # a folder where the journal (or its rewrite) must be a file
     j = NonceJournal(path, clock=lambda: NOW)
     with pytest.raises(ConfigError) as info:
         j.open()
-    assert str(info.value).startswith(f"{path}: cannot read the nonce journal (")
-    j.close(None)
-
-
-def test_journal_that_cannot_be_rewritten_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "kv.nonces"
-    (tmp_path / "kv.nonces.tmp").mkdir()  # the rewrite goes through <path>.tmp
-    j = NonceJournal(path, clock=lambda: NOW)
-    with pytest.raises(ConfigError) as info:
-        j.open()
-    assert str(info.value).startswith(f"{path}: cannot write the nonce journal (")
+    assert str(info.value).startswith(f"{path}: {refusal}")
     j.close(None)
 
 

@@ -66,6 +66,14 @@ def make_cache(io_loop: Any) -> Iterator[MakeCache]:
     io_loop.run_sync(finish)
 
 
+async def on_manual_clock(make_cache: MakeCache, store: Any, **cfg: Any) -> tuple[WriteBehindCache, ManualClock]:
+    """A started cache whose every timer (tick, retry, durable timeout) waits for the test's ``clock.advance``."""
+    clock = ManualClock()
+    cache = make_cache(store, clock=clock, **cfg)
+    await cache.start()
+    return cache, clock
+
+
 def flush_stats(cache: WriteBehindCache) -> dict[str, Any]:
     return cache.stats()["flush"]
 
@@ -379,9 +387,7 @@ async def test_g3_periodic_timer_flushes(store: FakeStore, make_cache: MakeCache
 
 @pytest.mark.gen_test
 async def test_g3_only_one_flush_runs_at_a_time(store: FakeStore, make_cache: MakeCache) -> None:
-    clock = ManualClock()
-    cache = make_cache(store, clock=clock, flush_batch_size=2)
-    await cache.start()
+    cache, clock = await on_manual_clock(make_cache, store, flush_batch_size=2)
     store.write_gate.close()
     await cache.put("a", '"1"')
     first = asyncio.ensure_future(cache.flush())
@@ -455,9 +461,7 @@ async def test_g4_partly_committed_flush_keeps_only_the_failed_transactions(
 
 @pytest.mark.gen_test
 async def test_g4_backoff_doubles_from_flush_interval_up_to_5_s(store: FakeStore, make_cache: MakeCache) -> None:
-    clock = ManualClock()
-    cache = make_cache(store, clock=clock, flush_interval_ms=100)
-    await cache.start()
+    cache, clock = await on_manual_clock(make_cache, store, flush_interval_ms=100)
     store.fail_writes = True
     await cache.put("k", '"v"')
     expected_ms = [100, 200, 400, 800, 1600, 3200, MAX_BACKOFF_MS, MAX_BACKOFF_MS]
@@ -479,9 +483,7 @@ async def test_g4_backoff_doubles_from_flush_interval_up_to_5_s(store: FakeStore
 
 @pytest.mark.gen_test
 async def test_g4_post_flush_retries_at_once_whatever_the_backoff(store: FakeStore, make_cache: MakeCache) -> None:
-    clock = ManualClock()
-    cache = make_cache(store, clock=clock, flush_interval_ms=2000)
-    await cache.start()
+    cache, clock = await on_manual_clock(make_cache, store, flush_interval_ms=2000)
     store.fail_writes = True
     await cache.put("k", '"v"')
     clock.advance(2.0)  # the periodic flush
@@ -506,9 +508,7 @@ async def test_g4_post_flush_retries_at_once_whatever_the_backoff(store: FakeSto
 async def test_g4_post_flush_during_a_failing_flush_retries_as_soon_as_it_fails(
     store: FakeStore, make_cache: MakeCache
 ) -> None:
-    clock = ManualClock()
-    cache = make_cache(store, clock=clock, flush_interval_ms=2000, durable_timeout_ms=2000)
-    await cache.start()
+    cache, clock = await on_manual_clock(make_cache, store, flush_interval_ms=2000, durable_timeout_ms=2000)
     store.fail_writes = True
     await cache.put("k", '"v"')
     store.write_gate.close()
@@ -559,9 +559,7 @@ async def test_g4_one_warning_per_failure_streak_and_one_info_on_recovery(
 @pytest.mark.gen_test
 async def test_g9_from_a_failed_attempt_until_a_success_non_durable_writes_are_refused(make_cache: MakeCache) -> None:
     store = FakeStore({"old": '"committed"'})
-    clock = ManualClock()
-    cache = make_cache(store, clock=clock)
-    await cache.start()
+    cache, clock = await on_manual_clock(make_cache, store)
     await cache.put("k", '"v1"')
     store.fail_writes = True
     with pytest.raises(Overloaded):
@@ -884,9 +882,7 @@ async def test_g6_durable_past_its_timeout_raises_and_the_write_is_still_committ
 async def test_g6_durable_write_waits_through_a_failed_attempt_for_the_retry(
     store: FakeStore, make_cache: MakeCache
 ) -> None:
-    clock = ManualClock()
-    cache = make_cache(store, clock=clock, durable_timeout_ms=5000)
-    await cache.start()
+    cache, clock = await on_manual_clock(make_cache, store, durable_timeout_ms=5000)
     store.fail_writes = True
     put = asyncio.ensure_future(cache.put("k", '"v"', durable=True))
     await wait_until(lambda: flush_stats(cache)["errors"] == 1, "the durable write's flush to fail")
@@ -923,9 +919,7 @@ async def test_g7_stop_flushes_everything_and_returns_zero(
 async def test_g7_stop_with_a_failing_store_returns_the_writes_left(
     store: FakeStore, make_cache: MakeCache, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock = ManualClock()
-    cache = make_cache(store, clock=clock, flush_interval_ms=50)
-    await cache.start()
+    cache, clock = await on_manual_clock(make_cache, store, flush_interval_ms=50)
     for i in range(3):
         await cache.put(f"k{i}", '"v"')
     store.fail_writes = True
@@ -1278,9 +1272,7 @@ async def test_g6_a_durable_write_made_during_a_flush_waits_for_the_next_flush_t
     store: FakeStore, make_cache: MakeCache
 ) -> None:
     # Answering it when the flush already running commits would acknowledge a write that flush never took.
-    clock = ManualClock()
-    cache = make_cache(store, clock=clock)
-    await cache.start()
+    cache, clock = await on_manual_clock(make_cache, store)
     await cache.put("a", '"1"')
     store.write_gate.close()
     flushing = asyncio.ensure_future(cache.flush())
@@ -1302,9 +1294,7 @@ async def test_g6_a_durable_write_made_during_a_flush_waits_for_the_next_flush_t
 
 @pytest.mark.gen_test
 async def test_g7_stop_answers_a_durable_write_it_could_not_commit(store: FakeStore, make_cache: MakeCache) -> None:
-    clock = ManualClock()
-    cache = make_cache(store, clock=clock, durable_timeout_ms=60_000)
-    await cache.start()
+    cache, clock = await on_manual_clock(make_cache, store, durable_timeout_ms=60_000)
     store.fail_writes = True
     durable = asyncio.ensure_future(cache.put("d", '"v"', durable=True))
     await wait_until(lambda: flush_stats(cache)["errors"] == 1, "the durable write's flush to fail")
@@ -1382,9 +1372,7 @@ async def test_g4_post_flush_during_a_flush_retries_at_once_whatever_else_asked_
 ) -> None:
     # POST /flush during a flush asks for a forced one right after it; an unforced trigger (here the size
     # trigger of new keys) arriving before or after must not turn that into one that waits out the backoff.
-    clock = ManualClock()
-    cache = make_cache(store, clock=clock, flush_interval_ms=2000, flush_batch_size=2)
-    await cache.start()
+    cache, clock = await on_manual_clock(make_cache, store, flush_interval_ms=2000, flush_batch_size=2)
     store.fail_writes = True
     await cache.put("k", '"v"')
     store.write_gate.close()
@@ -1413,9 +1401,7 @@ async def test_g6_a_durable_write_ignored_by_a_backoff_is_flushed_right_after_th
 ) -> None:
     # During a failure backoff a durable write's trigger starts nothing; if a forced flush (POST /flush)
     # is running, the durable write is flushed as soon as that one ends, without waiting for a timer.
-    clock = ManualClock()
-    cache = make_cache(store, clock=clock, flush_interval_ms=5000)
-    await cache.start()
+    cache, _clock = await on_manual_clock(make_cache, store, flush_interval_ms=5000)
     store.fail_writes = True
     await cache.put("k", '"v"')
     with pytest.raises(Overloaded):
@@ -1463,9 +1449,7 @@ async def test_g6_a_durable_delete_is_taken_while_refusing_and_waits_through_a_f
     make_cache: MakeCache,
 ) -> None:
     store = FakeStore({"k": '"old"'})
-    clock = ManualClock()
-    cache = make_cache(store, clock=clock)
-    await cache.start()
+    cache, clock = await on_manual_clock(make_cache, store)
     await cache.put("x", '"1"')
     store.fail_writes = True
     with pytest.raises(Overloaded):
