@@ -30,12 +30,13 @@ EMPTY_BODY_SHA256 = hashlib.sha256(b"").hexdigest()
 KEY_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 NONCE_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
 SIG_RE = re.compile(r"[0-9a-f]{64}")
-# A timestamp is a base-10 integer; 20 digits is far past any real clock and keeps int() cheap.
-TS_RE = re.compile(r"-?[0-9]{1,20}")
+# A timestamp is a base-10 integer in its one canonical form (no leading zero, no "-0"): the server signs the
+# number back as text, so "0170…" and "170…" must not both pass. 20 digits is far past any real clock.
+TS_RE = re.compile(r"0|-?[1-9][0-9]{0,19}")
 MIN_SECRET_CHARS = 32
 # The canonical header, exactly as authorization_header() writes it (its classes exclude CR and LF).
 _CANONICAL_HEADER = re.compile(
-    r"KV-HMAC-SHA256 keyid=([A-Za-z0-9._-]{1,64}), ts=(-?[0-9]{1,20}), "
+    r"KV-HMAC-SHA256 keyid=([A-Za-z0-9._-]{1,64}), ts=(0|-?[1-9][0-9]{0,19}), "
     r"nonce=([A-Za-z0-9_-]{16,64}), sig=([0-9a-f]{64})"
 )
 _PARAMS = ("keyid", "ts", "nonce", "sig")
@@ -219,7 +220,7 @@ def parse_authorization(value: str | None) -> AuthParams:
     if not KEY_ID_RE.fullmatch(found["keyid"]):
         raise _malformed("keyid must match [A-Za-z0-9._-]{1,64}.")
     if not TS_RE.fullmatch(found["ts"]):
-        raise _malformed("ts must be a base-10 integer of unix seconds.")
+        raise _malformed("ts must be a base-10 integer of unix seconds, without leading zeros.")
     if not NONCE_RE.fullmatch(found["nonce"]):
         raise _malformed("nonce must match [A-Za-z0-9_-]{16,64}.")
     if not SIG_RE.fullmatch(found["sig"]):

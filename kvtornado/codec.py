@@ -221,5 +221,5 @@ def query_fields(query: str, allowed: frozenset[str] | None = None) -> dict[str,
 
 def key_from_query(fields: dict[str, str], *, max_key_bytes: int) -> str:
     if "key" not in fields:
-        raise MissingKey("Name the key in the query: ?key=...")
+        raise MissingKey("Name the key in the query, as ?key=<key>.")
     return check_key(fields["key"], max_key_bytes)
