@@ -54,6 +54,9 @@ def make_app(
             url(r"/save", h.SaveHandler, args),
             url(r"/get", h.GetHandler, args),
             url(r"/delete", h.DeleteHandler, args),
+            url(r"/keys", h.KeysHandler, args),
+            url(r"/incr", h.IncrHandler, args),
+            url(r"/batch", h.BatchHandler, args),
         ]
         if admin:
             routes += [url(r"/flush", h.FlushHandler, args), url(r"/stats", h.StatsHandler, args)]

@@ -6,6 +6,7 @@ Values are stored as their compact UTF-8 JSON text, so ``/get`` returns exactly 
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import sys
@@ -16,11 +17,13 @@ from kvtornado.errors import (
     BadRequest,
     InvalidJSON,
     InvalidKey,
+    KVError,
     MissingKey,
     MissingValue,
     TooLarge,
     UnsupportedMediaType,
 )
+from kvtornado.ops import DELETE, GET, INCR, MAX_SAFE, SAVE, Op
 
 MAX_JSON_DEPTH = 1000
 
@@ -223,3 +226,118 @@ def key_from_query(fields: dict[str, str], *, max_key_bytes: int) -> str:
     if "key" not in fields:
         raise MissingKey("Name the key in the query, as ?key=<key>.")
     return check_key(fields["key"], max_key_bytes)
+
+
+# -- the data model's parameters and bodies (SPEC §5: versions, expiry, listing, increment, batch) -----------
+
+_DIGITS = re.compile(r"[0-9]{1,16}")  # 16 digits hold every integer the API takes (< 2^53)
+
+
+def query_int(fields: dict[str, str], name: str, low: int, high: int) -> int | None:
+    """``?name=N`` as an integer within [low, high], or None when absent; anything else (empty, a sign, a
+    fraction, out of range) is 400."""
+    text = fields.get(name)
+    if text is None:
+        return None
+    if not _DIGITS.fullmatch(text) or not low <= int(text) <= high:
+        raise BadRequest(f"{name} must be an integer from {low} to {high}.")
+    return int(text)
+
+
+def json_int(value: Any, name: str, low: int, high: int) -> int:
+    """A JSON body's integer field within [low, high]: ``true`` and ``1.0`` are not integers."""
+    if type(value) is not int or not low <= value <= high:
+        raise BadRequest(f"{name} must be an integer from {low} to {high}.")
+    return value
+
+
+def parse_json_object(content_type: str | None, body: bytes, route: str) -> dict[str, Any]:
+    """A JSON-only route's body (``/incr``, ``/batch``): 415 for any other media type."""
+    if media_type(content_type) not in JSON_TYPES:
+        raise UnsupportedMediaType(f"{route} takes an application/json body.")
+    doc = parse_json(body)
+    if not isinstance(doc, dict):
+        raise InvalidJSON("The request body must be a JSON object.")
+    return doc
+
+
+INCR_FIELDS = frozenset({"key", "by"})
+
+
+def parse_incr(content_type: str | None, body: bytes, *, max_key_bytes: int) -> tuple[str, int]:
+    """``(key, by)`` from an ``/incr`` body; ``by`` is checked before anything else (SPEC §5)."""
+    fields = parse_json_object(content_type, body, "/incr")
+    _only(fields, INCR_FIELDS, "body")
+    by = json_int(fields.get("by", 1), "by", -MAX_SAFE, MAX_SAFE)
+    if "key" not in fields:
+        raise MissingKey("The body has no \"key\".")
+    return check_key(fields["key"], max_key_bytes), by
+
+
+_OP_FIELDS = {
+    GET: frozenset({"op", "key"}),
+    SAVE: frozenset({"op", "key", "value", "ttl", "if_version"}),
+    DELETE: frozenset({"op", "key", "if_version"}),
+    INCR: frozenset({"op", "key", "by", "if_version"}),
+}
+
+
+def _batch_op(raw: Any, *, max_key_bytes: int, max_value_bytes: int, max_ttl_s: int) -> Op:
+    if not isinstance(raw, dict):
+        raise BadRequest("Each op must be a JSON object.")
+    kind = raw.get("op")
+    if kind not in _OP_FIELDS:
+        raise BadRequest("Each op needs \"op\": one of get, save, delete, incr.")
+    _only(raw, _OP_FIELDS[kind], f"{kind} op")
+    by = json_int(raw["by"], "by", -MAX_SAFE, MAX_SAFE) if "by" in raw else 1
+    if "key" not in raw:
+        raise MissingKey("The op has no \"key\".")
+    key = check_key(raw["key"], max_key_bytes)
+    if_version = json_int(raw["if_version"], "if_version", 0, MAX_SAFE) if "if_version" in raw else None
+    value = ttl = None
+    if kind == SAVE:
+        if "value" not in raw:
+            raise MissingValue("The save op has no \"value\".")
+        value = encode_value(raw["value"], max_value_bytes)
+        ttl = json_int(raw["ttl"], "ttl", 1, max_ttl_s) if "ttl" in raw else None
+    return Op(kind, key, value=value, ttl=ttl, if_version=if_version, by=by)
+
+
+def parse_batch(content_type: str | None, body: bytes, *, max_ops: int, max_key_bytes: int,
+                max_value_bytes: int, max_ttl_s: int) -> list[Op]:
+    """A ``/batch`` body as ops, every one checked before any is applied; an op's error carries its index."""
+    fields = parse_json_object(content_type, body, "/batch")
+    if set(fields) != {"ops"} or not isinstance(fields["ops"], list):
+        raise BadRequest("The body must be {\"ops\": [...]} and nothing else.")
+    raw_ops = fields["ops"]
+    if not 1 <= len(raw_ops) <= max_ops:
+        raise BadRequest(f"A batch holds 1 to {max_ops} ops; this one has {len(raw_ops)}.")
+    ops: list[Op] = []
+    for index, raw in enumerate(raw_ops):
+        try:
+            ops.append(_batch_op(raw, max_key_bytes=max_key_bytes, max_value_bytes=max_value_bytes,
+                                 max_ttl_s=max_ttl_s))
+        except KVError as exc:
+            raise exc.at(index) from None
+    return ops
+
+
+def encode_cursor(prefix: str, last_key: str) -> str:
+    """An opaque ``/keys`` cursor: the position after ``last_key``, for ``prefix`` only (base64url JSON)."""
+    raw = compact_json([prefix, last_key]).encode("utf-8")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def decode_cursor(cursor: str, prefix: str) -> str:
+    """The key a cursor names; 400 when it cannot be decoded or was made for another prefix."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        doc = _DECODER.decode(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise BadRequest("The cursor is not one this server gave out.") from None
+    if (not isinstance(doc, list) or len(doc) != 2 or not all(isinstance(part, str) for part in doc)
+            or not cursor.isascii() or encode_cursor(*doc) != cursor):
+        raise BadRequest("The cursor is not one this server gave out.")
+    if doc[0] != prefix:
+        raise BadRequest("The cursor was made for another prefix.")
+    return str(doc[1])

@@ -61,6 +61,8 @@ class CacheConfig:
 class LimitsConfig:
     max_key_bytes: int = 512
     max_value_bytes: int = 1024 * 1024
+    max_batch_ops: int = 1000  # ops in one POST /batch
+    max_ttl_s: int = 315_360_000  # ten years: the longest ?ttl= a save may ask for
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,8 @@ _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "cache.shutdown_timeout_s": (1, None),
     "limits.max_key_bytes": (1, None),
     "limits.max_value_bytes": (1, None),
+    "limits.max_batch_ops": (1, None),
+    "limits.max_ttl_s": (1, None),
 }
 
 

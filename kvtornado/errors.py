@@ -1,7 +1,8 @@
 """Domain errors: each carries its HTTP status and its stable error code.
 
 Handlers raise these and never format an error themselves; the base handler's
-``write_error`` renders every one as ``{"error": code, "message": message}``.
+``write_error`` renders every one as ``{"error": code, "message": message}``, plus its ``extra`` fields
+(``current_version`` of a 412, ``index`` of the batch op that failed).
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ class KVError(Exception):
     def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None) -> None:
         self.message = message or self.default_message
         self.headers: dict[str, str] = dict(headers or {})
+        self.extra: dict[str, int] = {}  # more fields of the error body, after error and message
         super().__init__(self.message)
+
+    def at(self, index: int) -> KVError:
+        """This error, as the failure of batch op number ``index``."""
+        self.extra["index"] = index
+        return self
 
 
 class InvalidJSON(KVError):
@@ -75,6 +82,23 @@ class MethodNotAllowed(KVError):
 
     def __init__(self, message: str | None = None, *, allow: list[str]) -> None:
         super().__init__(message, headers={"Allow": ", ".join(allow)})
+
+
+class NotAnInteger(KVError):
+    status = 409
+    code = "not_an_integer"
+    default_message = "The stored value is not a JSON integer, or the result would leave the safe range."
+
+
+class VersionMismatch(KVError):
+    status = 412
+    code = "version_mismatch"
+    default_message = "The key's current version is not the one the condition names."
+
+    def __init__(self, current_version: int, wanted: int) -> None:
+        super().__init__(f"if_version={wanted} does not hold: the key's current version is {current_version}"
+                         + (" (it does not exist)." if current_version == 0 else "."))
+        self.extra["current_version"] = current_version
 
 
 class TooLarge(KVError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
@@ -33,6 +33,7 @@ from kvtornado.errors import (
     TooLarge,
     for_status,
 )
+from kvtornado.ops import DELETE, GET, INCR, MAX_SAFE, Op, Outcome, Record
 
 log = logging.getLogger("kvtornado.handlers")
 
@@ -50,11 +51,14 @@ _DISCARD_ANY = 1 << 62  # a body size limit no body reaches: Tornado reads and d
 
 
 class KeyValue(Protocol):
-    """What the data handlers need; ``SqliteStore`` and ``WriteBehindCache`` both provide it."""
+    """What the data handlers need; ``SqliteStore`` (write-through) and ``WriteBehindCache`` both provide it."""
 
-    async def get(self, key: str) -> str | None: ...
-    async def put(self, key: str, value: str, *, durable: bool = False) -> None: ...
-    async def delete(self, key: str, *, durable: bool = False) -> bool: ...
+    async def get_record(self, key: str) -> Record | None: ...
+    async def put(self, key: str, value: str, *, durable: bool = False, ttl: int | None = None,
+                  if_version: int | None = None) -> int: ...
+    async def apply(self, ops: Sequence[Op], *, durable: bool = False, batch: bool = False) -> list[Outcome]: ...
+    async def list_keys(self, prefix: str, after: str | None, limit: int) -> list[tuple[str, Record]]: ...
+    async def sweep(self) -> int: ...
     async def flush(self) -> int: ...
     def stats(self) -> dict[str, Any]: ...
 
@@ -308,7 +312,7 @@ class BaseHandler(RequestHandler):
         if self._refused:  # the body was not read: the connection closes after this answer
             self.set_header(CONNECTION, "close")
         self._set_json_headers()
-        self.finish(json_bytes({"error": exc.code, "message": exc.message}))
+        self.finish(json_bytes({"error": exc.code, "message": exc.message, **exc.extra}))
 
     def _as_kv_error(self, raised: BaseException | None, status_code: int) -> KVError:
         if isinstance(raised, KVError):
@@ -337,6 +341,13 @@ class BaseHandler(RequestHandler):
         if flag in ("1", "true"):
             return True
         raise BadRequest("durable must be 1, 0, true or false.")
+
+    def if_version(self) -> int | None:
+        return codec.query_int(self.fields, "if_version", 0, MAX_SAFE)
+
+    @property
+    def max_key_bytes(self) -> int:
+        return self.svc.config.limits.max_key_bytes
 
 
 class PingHandler(BaseHandler):
@@ -367,49 +378,83 @@ class AuthorizeHandler(BaseHandler):
     do_post = do_get
 
 
+def _expires(record: Record) -> str:
+    return "null" if record.expires_at is None else codec.compact_json(record.expires_at)
+
+
+def _key(key: str) -> str:
+    return codec.compact_json(key)
+
+
+def render_outcome(outcome: Outcome) -> str:
+    """One batch result as JSON text (SPEC §5); stored values are spliced in as the JSON text they are."""
+    op, record = outcome.op, outcome.record
+    key = _key(op.key)
+    if op.kind == GET:
+        if record is None:
+            return '{"key":' + key + ',"found":false}'
+        return ('{"key":' + key + ',"found":true,"value":' + str(record.value) + ',"version":'
+                + str(record.version) + ',"expires_at":' + _expires(record) + "}")
+    if record is None:  # only a delete that found nothing has no record
+        return '{"key":' + key + ',"deleted":false}'
+    version = str(record.version)
+    if op.kind == DELETE:
+        return '{"key":' + key + ',"deleted":true,"version":' + version + "}"
+    if op.kind == INCR:
+        return '{"key":' + key + ',"value":' + str(record.value) + ',"version":' + version + "}"
+    return '{"key":' + key + ',"version":' + version + "}"
+
+
 class SaveHandler(BaseHandler):
-    query_params = frozenset({"durable"})
+    query_params = frozenset({"durable", "ttl", "if_version"})
     body_methods = frozenset({"POST"})
 
     async def do_post(self) -> None:
         limits = self.svc.config.limits
         durable = self.durable()
+        ttl = codec.query_int(self.fields, "ttl", 1, limits.max_ttl_s)
+        if_version = self.if_version()
         key, value = codec.parse_save(
             self.request.headers.get(CONTENT_TYPE), self.body,
             max_key_bytes=limits.max_key_bytes, max_value_bytes=limits.max_value_bytes,
         )
-        await self.kv.put(key, value, durable=durable)
-        self.send_json(json_bytes({"key": key, "saved": True}))
+        version = await self.kv.put(key, value, durable=durable, ttl=ttl, if_version=if_version)
+        self.send_json(('{"key":' + _key(key) + ',"saved":true,"version":' + str(version) + "}").encode("utf-8"))
 
 
 class GetHandler(BaseHandler):
     query_params = frozenset({"key"})
 
     async def do_get(self) -> None:
-        key = codec.key_from_query(self.fields, max_key_bytes=self.svc.config.limits.max_key_bytes)
-        value = await self.kv.get(key)
-        if value is None:
+        key = codec.key_from_query(self.fields, max_key_bytes=self.max_key_bytes)
+        record = await self.kv.get_record(key)
+        if record is None:
             raise NotFound()  # its message: "No such key."
+        # Set by hand (compute_etag gives none): the version names the value, so it is the entity tag.
+        self.set_header("ETag", f'"{record.version}"')
         # The stored value is already compact JSON text: splice it in instead of decoding it again.
-        self.send_json(('{"key":' + codec.compact_json(key) + ',"value":' + value + "}").encode("utf-8"))
+        self.send_json(('{"key":' + _key(key) + ',"value":' + str(record.value) + ',"version":'
+                        + str(record.version) + ',"expires_at":' + _expires(record) + "}").encode("utf-8"))
 
 
 class DeleteHandler(BaseHandler):
-    query_params = frozenset({"key", "durable"})
+    query_params = frozenset({"key", "durable", "if_version"})
     body_methods = frozenset({"POST"})  # DELETE names its key in the query only
 
     async def _remove(self, key: str, durable: bool) -> None:
-        if not await self.kv.delete(key, durable=durable):
-            raise NotFound()  # its message: "No such key."
-        self.send_json(json_bytes({"key": key, "deleted": True}))
+        if_version = self.if_version()
+        outcomes = await self.kv.apply([Op(DELETE, key, if_version=if_version)], durable=durable)
+        self.send_json(json_bytes({"key": key, "deleted": True,
+                                   "version": outcomes[0].record.version}))  # type: ignore[union-attr]
 
     async def do_delete(self) -> None:
-        key = codec.key_from_query(self.fields, max_key_bytes=self.svc.config.limits.max_key_bytes)
+        key = codec.key_from_query(self.fields, max_key_bytes=self.max_key_bytes)
         await self._remove(key, self.durable())
 
     async def do_post(self) -> None:
         fields = self.fields
-        max_key = self.svc.config.limits.max_key_bytes
+        max_key = self.max_key_bytes
+        durable = self.durable()
         if not self.body and "key" not in fields:
             raise MissingKey("Send the key as {\"key\": ...} in the body or as ?key=...")
         if self.body:
@@ -418,7 +463,60 @@ class DeleteHandler(BaseHandler):
             key = codec.parse_key_body(self.request.headers.get(CONTENT_TYPE), self.body, max_key_bytes=max_key)
         else:
             key = codec.key_from_query(fields, max_key_bytes=max_key)
-        await self._remove(key, self.durable())
+        await self._remove(key, durable)
+
+
+class IncrHandler(BaseHandler):
+    query_params = frozenset({"durable", "if_version"})
+    body_methods = frozenset({"POST"})
+
+    async def do_post(self) -> None:
+        key, by = codec.parse_incr(self.request.headers.get(CONTENT_TYPE), self.body,
+                                   max_key_bytes=self.max_key_bytes)
+        durable = self.durable()
+        op = Op(INCR, key, by=by, if_version=self.if_version())
+        outcomes = await self.kv.apply([op], durable=durable)
+        self.send_json(render_outcome(outcomes[0]).encode("utf-8"))
+
+
+class BatchHandler(BaseHandler):
+    query_params = frozenset({"durable"})
+    body_methods = frozenset({"POST"})
+
+    async def do_post(self) -> None:
+        limits = self.svc.config.limits
+        durable = self.durable()
+        ops = codec.parse_batch(self.request.headers.get(CONTENT_TYPE), self.body, max_ops=limits.max_batch_ops,
+                                max_key_bytes=limits.max_key_bytes, max_value_bytes=limits.max_value_bytes,
+                                max_ttl_s=limits.max_ttl_s)
+        outcomes = await self.kv.apply(ops, durable=durable, batch=True)
+        self.send_json(('{"results":[' + ",".join(map(render_outcome, outcomes)) + "]}").encode("utf-8"))
+
+
+MAX_LIST_LIMIT = 1000
+DEFAULT_LIST_LIMIT = 100
+
+
+class KeysHandler(BaseHandler):
+    query_params = frozenset({"prefix", "limit", "cursor", "values"})
+
+    async def do_get(self) -> None:
+        fields = self.fields
+        prefix = fields.get("prefix", "")
+        limit = codec.query_int(fields, "limit", 1, MAX_LIST_LIMIT) or DEFAULT_LIST_LIMIT
+        values = fields.get("values", "0")
+        if values not in ("0", "1"):
+            raise BadRequest("values must be 0 or 1.")
+        cursor = fields.get("cursor")
+        after = None if cursor is None else codec.decode_cursor(cursor, prefix)
+        rows = await self.kv.list_keys(prefix, after, limit + 1)  # one more: is there a next page?
+        page = rows[:limit]
+        items = []
+        for key, record in page:
+            item = '{"key":' + _key(key) + ',"version":' + str(record.version) + ',"expires_at":' + _expires(record)
+            items.append(item + (',"value":' + str(record.value) + "}" if values == "1" else "}"))
+        next_cursor = codec.compact_json(codec.encode_cursor(prefix, page[-1][0])) if len(rows) > limit else "null"
+        self.send_json(('{"keys":[' + ",".join(items) + '],"cursor":' + next_cursor + "}").encode("utf-8"))
 
 
 class FlushHandler(BaseHandler):

@@ -22,7 +22,7 @@ from tornado.web import Application
 
 from kvtornado.app import make_app
 from kvtornado.auth import Authenticator, NonceJournal, load_keys
-from kvtornado.cache import WriteBehindCache
+from kvtornado.cache import SWEEP_INTERVAL_S, WriteBehindCache
 from kvtornado.config import Config, ServerConfig, load_config
 from kvtornado.errors import ConfigError, StorageError
 from kvtornado.handlers import JSON_CONTENT_TYPE, Admission, KeyValue, json_bytes
@@ -185,6 +185,17 @@ def _leave_now(status: int) -> NoReturn:  # pragma: no cover - the process ends 
     os._exit(status)
 
 
+async def _sweep_forever(store: SqliteStore) -> None:
+    """Exercise 3's expiry reclaim: expired rows are deleted every ``SWEEP_INTERVAL_S`` (the write-behind cache
+    runs its own sweep, of memory and sqlite, on the same period)."""
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL_S)
+        try:
+            await store.sweep()
+        except StorageError as exc:
+            log.warning("expiry sweep failed: %s", exc)
+
+
 async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None) -> int:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     # Stop signals are handled from the start: one that arrives while sqlite opens, or as soon as a supervisor
@@ -199,6 +210,10 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
         store = SqliteStore(cfg.storage.path, synchronous=cfg.storage.synchronous)
         await store.open()
         kv = store
+    sweeper: asyncio.Task[None] | None = None
+    if exercise == 3:
+        assert store is not None
+        sweeper = asyncio.ensure_future(_sweep_forever(store))
     cache: WriteBehindCache | None = None
     if exercise >= 4:
         assert store is not None
@@ -220,6 +235,8 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
         sockets = bind_sockets(cfg.server.port, cfg.server.host)
         server.add_sockets(sockets)
     except BaseException:
+        if sweeper is not None:
+            sweeper.cancel()
         if cache is not None:
             await cache.stop(cfg.cache.shutdown_timeout_s)
         if store is not None:
@@ -248,6 +265,9 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
     except TimeoutError:
         log.warning("%d requests were still being served when the drain timed out", admission.in_flight)
     status = 0
+    if sweeper is not None:
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
     if cache is not None:
         remaining = await cache.stop(max(0.0, stop_deadline - time.monotonic()))
         if remaining:

@@ -19,34 +19,90 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kvtornado.errors import StorageError
+from kvtornado.errors import KVError, StorageError
 from kvtornado.locks import LockHeld, lock_path, take_lock
+from kvtornado.ops import GET, MAX_SAFE, Op, Outcome, Record, apply_ops
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # SPEC §6: a flush that cannot take the write lock within this has failed.
 MAX_BUSY_TIMEOUT_MS = 5000
 
+# Schema 2 (SPEC §6): every row has its version and expiry. ``meta`` keeps the version high-water mark: every
+# version up to it may have been handed out (write-behind reserves blocks ahead), so none is handed out twice.
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS kv("
-    "key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at REAL NOT NULL) WITHOUT ROWID"
+    "CREATE TABLE IF NOT EXISTS kv(key TEXT PRIMARY KEY, value TEXT NOT NULL, version INTEGER NOT NULL, "
+    "expires_at REAL, updated_at REAL NOT NULL) WITHOUT ROWID",
+    # Partial: only rows that can expire are indexed, so rows without a ttl cost the index nothing.
+    "CREATE INDEX IF NOT EXISTS kv_expires_at ON kv(expires_at) WHERE expires_at IS NOT NULL",
+    "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+    "INSERT OR IGNORE INTO meta(name, value) VALUES ('version_hwm', 0)",
+)
+# Schema 1 -> 2, in the same transaction as _SCHEMA: every row kept, numbered 1..n in key order.
+_MIGRATE_V1 = (
+    "CREATE TABLE kv_v2(key TEXT PRIMARY KEY, value TEXT NOT NULL, version INTEGER NOT NULL, "
+    "expires_at REAL, updated_at REAL NOT NULL) WITHOUT ROWID",
+    "INSERT INTO kv_v2(key, value, version, expires_at, updated_at) "
+    "SELECT key, value, row_number() OVER (ORDER BY key), NULL, updated_at FROM kv",
+    "DROP TABLE kv",
+    "ALTER TABLE kv_v2 RENAME TO kv",
 )
 _UPSERT = (
-    "INSERT INTO kv(key, value, updated_at) VALUES (?, ?, ?) "
-    "ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
+    "INSERT INTO kv(key, value, version, expires_at, updated_at) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT(key) DO UPDATE SET value = excluded.value, version = excluded.version, "
+    "expires_at = excluded.expires_at, updated_at = excluded.updated_at"
 )
 _DELETE = "DELETE FROM kv WHERE key = ?"
-_SELECT = "SELECT value FROM kv WHERE key = ?"
+_SELECT = "SELECT value, version, expires_at FROM kv WHERE key = ?"
+_HWM = "SELECT max((SELECT value FROM meta WHERE name = 'version_hwm'), (SELECT coalesce(max(version), 0) FROM kv))"
+_SET_HWM = "UPDATE meta SET value = ? WHERE name = 'version_hwm'"
+_LIVE = "(expires_at IS NULL OR expires_at > ?)"
+# A bounded sweep: the oldest expired rows first, through the expires_at index.
+_SWEEP = ("DELETE FROM kv WHERE key IN "
+          "(SELECT key FROM kv WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)")
 # Statements without parameters, named once (SQL keywords are case-insensitive).
 _WAL = "PRAGMA journal_mode = WAL"
 _USER_VERSION = "PRAGMA user_version"
 _BEGIN = "BEGIN IMMEDIATE"
+_BEGIN_READ = "BEGIN"
 _COMMIT = "COMMIT"
 _ROLLBACK = "ROLLBACK"
 _PROBE = "SELECT count(*) FROM kv LIMIT 1"
 
-# One row write: (key, value JSON text), or (key, None) for a delete.
-Row = tuple[str, "str | None"]
+
+def _range_sql(inclusive: bool, bounded: bool) -> str:
+    low = "key >= ?" if inclusive else "key > ?"
+    high = " AND key < ?" if bounded else ""
+    return (f"SELECT key, value, version, expires_at FROM kv WHERE {low}{high} AND {_LIVE} "
+            "ORDER BY key LIMIT ?")
+
+
+_RANGE = {(inclusive, bounded): _range_sql(inclusive, bounded)
+          for inclusive in (False, True) for bounded in (False, True)}
+# Versions the write-behind cache reserves at a time (one small commit per block).
+VERSION_BLOCK = 1 << 17
+# The expiry sweep deletes this many rows a transaction, at most SWEEP_ROUNDS transactions a call.
+SWEEP_ROWS = 1000
+SWEEP_ROUNDS = 50
+
+# One row write: (key, record); a record whose value is None is a delete.
+Row = tuple[str, Record]
 T = TypeVar("T")
+
+
+def prefix_end(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (None: no bound), in code-point order."""
+    stripped = prefix.rstrip("\U0010ffff")
+    if not stripped:
+        return None
+    last = ord(stripped[-1]) + 1
+    if 0xD800 <= last <= 0xDFFF:  # keys hold no surrogates: the next code point that can follow is U+E000
+        last = 0xE000
+    return stripped[:-1] + chr(last)
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    return Record(str(row[0]), int(row[1]), None if row[2] is None else float(row[2]))
+
 
 log = logging.getLogger("kvtornado.store")
 
@@ -119,9 +175,11 @@ class SqliteStore:
         self._rconn: sqlite3.Connection | None = None
         self._closed = False
         self._lock_fd: int | None = None  # flock on <path>.lock, held for the store's life (one server a file)
+        self._hwm = 0  # the version high-water mark: owned by the writer thread once open
         self.reads = 0
         self.row_writes = 0
         self.commits = 0
+        self.swept = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -158,11 +216,9 @@ class SqliteStore:
                     f"{self.path}: database schema version {version} is newer than this program's ({SCHEMA_VERSION})"
                 )
             if version < SCHEMA_VERSION:
-                conn.execute(_BEGIN)
-                conn.execute(_SCHEMA)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                conn.execute(_COMMIT)
+                self._migrate(conn, version)
             conn.execute(_PROBE).fetchone()
+            self._hwm = int(conn.execute(_HWM).fetchone()[0])
         except BaseException as exc:
             # Whatever failed after the connection was made, it is closed here: never left to the GC.
             if conn is not None:
@@ -172,6 +228,26 @@ class SqliteStore:
                 raise StorageError(f"{self.path}: cannot open the sqlite database ({exc})") from None
             raise
         self._wconn = conn
+
+    def _migrate(self, conn: sqlite3.Connection, version: int) -> None:
+        """Bring an older (or new, empty) database to ``SCHEMA_VERSION`` in one transaction: all or nothing."""
+        conn.execute(_BEGIN)
+        try:
+            if version == 1:
+                rows = conn.execute(_PROBE).fetchone()[0]
+                for statement in _MIGRATE_V1:
+                    conn.execute(statement)
+                log.info("%s: migrated %d rows from schema 1 to %d", self.path, rows, SCHEMA_VERSION)
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            if version == 1:  # the migrated rows hold versions 1..n: hand out none of them again
+                conn.execute(_SET_HWM, (conn.execute(_HWM).fetchone()[0],))
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute(_COMMIT)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute(_ROLLBACK)
+            raise
 
     def _take_lock(self) -> None:
         """One server a database (``kvtornado.locks``)."""
@@ -219,27 +295,37 @@ class SqliteStore:
 
     # -- backend operations (what the write-behind cache uses) ---------------------------------
 
-    def _write_rows(self, rows: Sequence[Row]) -> int:
-        conn = self._wconn
+    def _conn(self, conn: sqlite3.Connection | None) -> sqlite3.Connection:
         if conn is None:
             raise StorageError("the store is closed")
+        return conn
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            try:
+                conn.execute(_ROLLBACK)
+            except sqlite3.Error:
+                pass
+
+    @staticmethod
+    def _put_rows(conn: sqlite3.Connection, rows: Sequence[Row], now: float) -> None:
+        # Upserts and deletes run as two statements: a key must appear once (the callers' rows are unique).
+        conn.executemany(_UPSERT, [(k, r.value, r.version, r.expires_at, now) for k, r in rows if r.value is not None])
+        conn.executemany(_DELETE, [(k,) for k, r in rows if r.value is None])
+
+    def _write_rows(self, rows: Sequence[Row]) -> int:
+        conn = self._conn(self._wconn)
         now = self.clock()
-        # The last write of a key in the batch wins: upserts and deletes run as two statements below, so a
-        # key must appear once or a put after a delete of it would be lost.
-        # Sorted keys turn random B-tree updates into a sequential walk (about 3x faster here).
-        ordered = sorted(dict(rows).items())  # keys are unique now: tuples compare by key alone
+        # The last write of a key in the batch wins; sorted keys turn random B-tree updates into a sequential
+        # walk (about 3x faster here).
+        ordered = sorted(dict(rows).items(), key=itemgetter(0))
         try:
             conn.execute(_BEGIN)
-            conn.executemany(_UPSERT, [(k, v, now) for k, v in ordered if v is not None])
-            conn.executemany(_DELETE, [(k,) for k, v in ordered if v is None])
+            self._put_rows(conn, ordered, now)
             conn.execute(_COMMIT)
             return len(ordered)
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                try:
-                    conn.execute(_ROLLBACK)
-                except sqlite3.Error:
-                    pass
+            self._rollback(conn)
             raise StorageError(f"sqlite write failed: {exc}") from None
 
     async def ordered_batches(self, rows: Mapping[str, T], batch_rows: int) -> list[list[tuple[str, T]]]:
@@ -254,51 +340,181 @@ class SqliteStore:
         self.row_writes += await self._run(self._writer, self._write_rows, rows)
         self.commits += 1
 
-    def _read(self, key: str) -> str | None:
-        conn = self._rconn
-        if conn is None:
-            raise StorageError("the store is closed")
+    def _reserve(self, n: int) -> tuple[int, int]:
+        conn = self._conn(self._wconn)
+        first, last = self._hwm + 1, self._hwm + n
+        if last > MAX_SAFE:
+            raise StorageError("the versions are used up (2^53 - 1)")
+        try:
+            conn.execute(_SET_HWM, (last,))  # autocommit: committed (and fsynced) before a version is used
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite write failed: {exc}") from None
+        self._hwm = last
+        return first, last
+
+    async def reserve_versions(self, n: int) -> tuple[int, int]:
+        """Reserve the next ``n`` versions: ``(first, last)``, committed before any of them is handed out, so a
+        crash can lose a write but never let its version be handed out again (G10)."""
+        reserved = await self._run(self._writer, self._reserve, n)
+        self.commits += 1
+        return reserved
+
+    def _read(self, key: str) -> Record | None:
+        conn = self._conn(self._rconn)
         try:
             row = conn.execute(_SELECT, (key,)).fetchone()
         except sqlite3.Error as exc:
             raise StorageError(f"sqlite read failed: {exc}") from None
-        return None if row is None else str(row[0])
+        return None if row is None else _record(row)
 
-    async def read(self, key: str) -> str | None:
-        """The committed JSON text for ``key``, or None; runs on the reader thread."""
-        value = await self._run(self._reader, self._read, key)
+    async def read(self, key: str) -> Record | None:
+        """The committed record of ``key`` (expired or not), or None; runs on the reader thread."""
+        record = await self._run(self._reader, self._read, key)
         self.reads += 1
-        return value
+        return record
 
-    def _delete_one(self, key: str) -> bool:
-        conn = self._wconn
-        if conn is None:
-            raise StorageError("the store is closed")
+    def _range(self, conn: sqlite3.Connection | None, prefix: str, after: str | None, limit: int,
+               now: float) -> list[Row]:
+        conn = self._conn(conn)
+        end = prefix_end(prefix)
+        low, inclusive = (prefix, True) if after is None or after < prefix else (after, False)
+        args: tuple[Any, ...] = (low, end, now, limit) if end is not None else (low, now, limit)
         try:
-            cur = conn.execute(_DELETE, (key,))  # autocommit: one statement, one transaction
+            rows = conn.execute(_RANGE[inclusive, end is not None], args).fetchall()
         except sqlite3.Error as exc:
-            raise StorageError(f"sqlite delete failed: {exc}") from None
-        return cur.rowcount > 0
+            raise StorageError(f"sqlite read failed: {exc}") from None
+        return [(str(row[0]), _record(row[1:])) for row in rows]
 
-    # -- the key/value interface the handlers use ----------------------------------------------
+    async def range(self, prefix: str, after: str | None, limit: int, now: float, *,
+                    serial: bool = False) -> list[Row]:
+        """At most ``limit`` live committed rows whose key starts with ``prefix`` and comes after ``after``
+        (from ``prefix`` on when None), in key order. On the reader thread; ``serial`` runs it on the writer
+        thread instead, in order with the commits (no commit can land while it reads)."""
+        if serial:
+            return await self._run(self._writer, self._range, self._wconn, prefix, after, limit, now)
+        rows = await self._run(self._reader, self._range, self._rconn, prefix, after, limit, now)
+        self.reads += 1
+        return rows
+
+    def _sweep(self, now: float, limit: int) -> int:
+        conn = self._conn(self._wconn)
+        try:
+            return int(conn.execute(_SWEEP, (now, limit)).rowcount)  # autocommit: one statement
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite sweep failed: {exc}") from None
+
+    async def sweep_expired(self, now: float, limit: int = SWEEP_ROWS) -> int:
+        """Delete at most ``limit`` rows expired at ``now`` (one short transaction); how many were deleted."""
+        n = await self._run(self._writer, self._sweep, now, limit)
+        self.swept += n
+        return n
+
+    # -- the key/value interface the handlers use (exercise 3: write-through) ------------------
+
+    def _draw(self) -> int:
+        if self._hwm >= MAX_SAFE:
+            raise StorageError("the versions are used up (2^53 - 1)")
+        self._hwm += 1
+        return self._hwm
+
+    def _apply(self, ops: Sequence[Op], batch: bool) -> tuple[list[Outcome], int]:
+        conn = self._conn(self._wconn)
+        now = self.clock()
+
+        lookup = self._lookup(conn)
+        try:
+            # One transaction: the conditions are checked against what it reads, and nothing else writes
+            # between the check and the write (the writer thread is the only writer).
+            conn.execute(_BEGIN)
+            outcomes, writes = apply_ops(ops, lookup, now, self._draw, batch=batch)
+            rows = sorted(writes.items(), key=itemgetter(0))
+            self._put_rows(conn, rows, now)
+            if rows:
+                conn.execute(_SET_HWM, (self._hwm,))
+            conn.execute(_COMMIT)
+            return outcomes, len(rows)
+        except KVError:
+            self._rollback(conn)  # a refused op: nothing of it is written (its versions stay unused)
+            raise
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            raise StorageError(f"sqlite write failed: {exc}") from None
+
+    def _apply_reads(self, ops: Sequence[Op]) -> list[Outcome]:
+        conn = self._conn(self._rconn)
+        now = self.clock()
+        try:
+            conn.execute(_BEGIN_READ)  # one snapshot for every get of the batch
+            try:
+                lookup = self._lookup(conn)
+                outcomes, _ = apply_ops(ops, lookup, now, self._no_version, batch=True)
+            finally:
+                conn.execute(_COMMIT)
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            raise StorageError(f"sqlite read failed: {exc}") from None
+        return outcomes
+
+    @staticmethod
+    def _lookup(conn: sqlite3.Connection) -> Callable[[str], Record | None]:
+        def lookup(key: str) -> Record | None:
+            row = conn.execute(_SELECT, (key,)).fetchone()
+            return None if row is None else _record(row)
+        return lookup
+
+    @staticmethod
+    def _no_version() -> int:
+        raise AssertionError("a batch of gets writes nothing")
+
+    async def apply(self, ops: Sequence[Op], *, durable: bool = False, batch: bool = False) -> list[Outcome]:
+        """Apply and commit ``ops`` in one transaction (write-through: always durable); see ``apply_ops``."""
+        if all(op.kind == GET for op in ops):
+            outcomes = await self._run(self._reader, self._apply_reads, ops)
+            self.reads += 1
+            return outcomes
+        outcomes, written = await self._run(self._writer, self._apply, ops, batch)
+        self.commits += 1
+        self.row_writes += written
+        return outcomes
+
+    async def get_record(self, key: str) -> Record | None:
+        """The key's live record, or None when it is absent or expired."""
+        record = await self.read(key)
+        return record if record is not None and record.live(self.clock()) else None
+
+    async def list_keys(self, prefix: str, after: str | None, limit: int) -> list[Row]:
+        return await self.range(prefix, after, limit, self.clock())
 
     async def get(self, key: str) -> str | None:
-        return await self.read(key)
+        """The key's value as JSON text, or None (a shorthand of ``get_record``)."""
+        record = await self.get_record(key)
+        return None if record is None else record.value
 
-    async def put(self, key: str, value: str, *, durable: bool = False) -> None:
-        """Write-through: returns once the row is committed (``durable`` is always true here)."""
-        await self.write_rows([(key, value)])
+    async def put(self, key: str, value: str, *, durable: bool = False, ttl: int | None = None,
+                  if_version: int | None = None) -> int:
+        """Write-through: returns the new version once the row is committed (``durable`` is always true here)."""
+        outcomes = await self.apply([Op("save", key, value=value, ttl=ttl, if_version=if_version)])
+        return outcomes[0].record.version  # type: ignore[union-attr]  # a save always has its record
 
-    async def delete(self, key: str, *, durable: bool = False) -> bool:
+    async def delete(self, key: str, *, durable: bool = False, if_version: int | None = None) -> bool:
         """Delete and commit; False when there was no such key."""
-        existed = await self._run(self._writer, self._delete_one, key)
-        self.commits += 1
-        if existed:
-            self.row_writes += 1
-        return existed
+        outcomes = await self.apply([Op("delete", key, if_version=if_version)], batch=True)
+        return outcomes[0].done
+
+    async def sweep(self, *, rounds: int = SWEEP_ROUNDS) -> int:
+        """Reclaim expired rows (the server calls this periodically): short transactions of
+        ``SWEEP_ROWS`` rows, at most ``rounds`` of them, the event loop free between them."""
+        total = 0
+        for _ in range(rounds):
+            n = await self.sweep_expired(self.clock(), SWEEP_ROWS)
+            total += n
+            if n < SWEEP_ROWS:
+                break
+        return total
 
     async def flush(self) -> int:
         return 0  # nothing is ever pending in a write-through store
 
     def stats(self) -> dict[str, Any]:
-        return {"storage": {"reads": self.reads, "row_writes": self.row_writes, "commits": self.commits}}
+        return {"storage": {"reads": self.reads, "row_writes": self.row_writes, "commits": self.commits,
+                            "expired_rows_swept": self.swept}}

@@ -28,6 +28,7 @@ from tests.e2e.helpers import (
     FORM_CT,
     FRAMING_ERRORS,
     PROCESS_TIMEOUT_S,
+    VERSION,
     RawConnection,
     ServerProcess,
     assert_error,
@@ -92,23 +93,23 @@ def save_body(key: Any, value: Any) -> bytes:
 async def test_save_get_delete_round_trip(http_client: Any, base_url: str, signer: Signer, config: Config) -> None:
     resp = await send(http_client, base_url, "POST", "/save", body=save_body("fruit", "apple"), content_type=JSON_T,
                       signer=signer)
-    assert assert_json(resp, 200) == {"key": "fruit", "saved": True}
+    assert assert_json(resp, 200) == {"key": "fruit", "saved": True, "version": VERSION}
     assert resp.header("Cache-Control") == "no-store"
     # Write-through: committed before the answer.
     assert committed(config, "fruit") == '"apple"'
 
     resp = await send(http_client, base_url, "GET", "/get", query="key=fruit", signer=signer)
-    assert assert_json(resp, 200) == {"key": "fruit", "value": "apple"}
+    assert assert_json(resp, 200) == {"key": "fruit", "value": "apple", "version": VERSION, "expires_at": None}
     assert resp.header("Cache-Control") == "no-store"
 
     resp = await send(http_client, base_url, "POST", "/save", body=save_body("fruit", ["pear"]), content_type=JSON_T,
                       signer=signer)
-    assert assert_json(resp, 200) == {"key": "fruit", "saved": True}
+    assert assert_json(resp, 200) == {"key": "fruit", "saved": True, "version": VERSION}
     resp = await send(http_client, base_url, "GET", "/get", query="key=fruit", signer=signer)
-    assert assert_json(resp, 200) == {"key": "fruit", "value": ["pear"]}
+    assert assert_json(resp, 200) == {"key": "fruit", "value": ["pear"], "version": VERSION, "expires_at": None}
 
     resp = await send(http_client, base_url, "DELETE", "/delete", query="key=fruit", signer=signer)
-    assert assert_json(resp, 200) == {"key": "fruit", "deleted": True}
+    assert assert_json(resp, 200) == {"key": "fruit", "deleted": True, "version": VERSION}
     assert committed(config, "fruit") is None
     resp = await send(http_client, base_url, "GET", "/get", query="key=fruit", signer=signer)
     assert_error(resp, 404, "not_found")
@@ -150,7 +151,7 @@ def exact(value: Any) -> str:
 @pytest.mark.parametrize("value", list(VALUES.values()), ids=list(VALUES))
 @pytest.mark.gen_test
 async def test_every_json_value_round_trips_exactly(kv: AsyncKVClient, value: Any) -> None:
-    assert await kv.save("v", value) == {"key": "v", "saved": True}
+    assert await kv.save("v", value) == {"key": "v", "saved": True, "version": VERSION}
     assert exact(await kv.get("v")) == exact(value)
 
 
@@ -160,9 +161,9 @@ async def test_escaped_unicode_in_the_body_comes_back_as_characters(
 ) -> None:
     body = b'{"key": "\\u00e9t\\u00e9", "value": "\\ud83d\\udc4d \\u00e9"}'
     resp = await send(http_client, base_url, "POST", "/save", body=body, content_type=JSON_T, signer=signer)
-    assert assert_json(resp, 200) == {"key": "été", "saved": True}
+    assert assert_json(resp, 200) == {"key": "été", "saved": True, "version": VERSION}
     resp = await send(http_client, base_url, "GET", "/get", query="key=" + quote("été"), signer=signer)
-    assert assert_json(resp, 200) == {"key": "été", "value": "👍 é"}
+    assert assert_json(resp, 200) == {"key": "été", "value": "👍 é", "version": VERSION, "expires_at": None}
 
 
 ODD_KEYS: dict[str, str] = {
@@ -199,13 +200,13 @@ async def test_odd_keys_round_trip_through_the_query(
 ) -> None:
     resp = await send(http_client, base_url, "POST", "/save", body=save_body(key, {"k": key}), content_type=JSON_T,
                       signer=signer)
-    assert assert_json(resp, 200) == {"key": key, "saved": True}
+    assert assert_json(resp, 200) == {"key": key, "saved": True, "version": VERSION}
     assert committed(config, key) == json.dumps({"k": key}, ensure_ascii=False, separators=(",", ":"))
     query = "key=" + quote(key, safe="")
     resp = await send(http_client, base_url, "GET", "/get", query=query, signer=signer)
-    assert assert_json(resp, 200) == {"key": key, "value": {"k": key}}
+    assert assert_json(resp, 200) == {"key": key, "value": {"k": key}, "version": VERSION, "expires_at": None}
     resp = await send(http_client, base_url, "DELETE", "/delete", query=query, signer=signer)
-    assert assert_json(resp, 200) == {"key": key, "deleted": True}
+    assert assert_json(resp, 200) == {"key": key, "deleted": True, "version": VERSION}
     resp = await send(http_client, base_url, "GET", "/get", query=query, signer=signer)
     assert_error(resp, 404, "not_found")
 
@@ -227,9 +228,9 @@ async def test_query_plus_means_space_and_other_params_are_refused(
     await kv.save("a b", "spaced")
     await kv.save("a+b", "plussed")
     resp = await send(http_client, base_url, "GET", "/get", query="key=a+b", signer=signer)
-    assert assert_json(resp, 200) == {"key": "a b", "value": "spaced"}
+    assert assert_json(resp, 200) == {"key": "a b", "value": "spaced", "version": VERSION, "expires_at": None}
     resp = await send(http_client, base_url, "GET", "/get", query="key=a%2Bb", signer=signer)
-    assert assert_json(resp, 200) == {"key": "a+b", "value": "plussed"}
+    assert assert_json(resp, 200) == {"key": "a+b", "value": "plussed", "version": VERSION, "expires_at": None}
     resp = await send(http_client, base_url, "GET", "/get", query="key=a%2Bb&other=1", signer=signer)
     assert_error(resp, 400, "bad_request")
 
@@ -252,7 +253,7 @@ async def test_form_encoded_save_stores_a_string(
     http_client: Any, base_url: str, signer: Signer, kv: AsyncKVClient, body: bytes, key: str, value: str
 ) -> None:
     resp = await send(http_client, base_url, "POST", "/save", body=body, content_type=FORM_CT, signer=signer)
-    assert assert_json(resp, 200) == {"key": key, "saved": True}
+    assert assert_json(resp, 200) == {"key": key, "saved": True, "version": VERSION}
     assert exact(await kv.get(key)) == exact(value)
 
 
@@ -264,7 +265,7 @@ async def test_content_type_parameters_and_case_are_accepted(
 ) -> None:
     body = b'{"key":"ct","value":"ok"}' if "json" in content_type.lower() else b"key=ct&value=ok"
     resp = await send(http_client, base_url, "POST", "/save", body=body, content_type=content_type, signer=signer)
-    assert assert_json(resp, 200) == {"key": "ct", "saved": True}
+    assert assert_json(resp, 200) == {"key": "ct", "saved": True, "version": VERSION}
     assert await kv.get("ct") == "ok"
 
 
@@ -276,12 +277,12 @@ async def test_delete_by_post_with_a_json_body_or_a_query(
         await kv.save(key, key)
     resp = await send(http_client, base_url, "POST", "/delete", body=b'{"key":"one"}', content_type=JSON_T,
                       signer=signer)
-    assert assert_json(resp, 200) == {"key": "one", "deleted": True}
+    assert assert_json(resp, 200) == {"key": "one", "deleted": True, "version": VERSION}
     resp = await send(http_client, base_url, "POST", "/delete", body=b"key=two", content_type=FORM_CT, signer=signer)
-    assert assert_json(resp, 200) == {"key": "two", "deleted": True}
+    assert assert_json(resp, 200) == {"key": "two", "deleted": True, "version": VERSION}
     resp = await send(http_client, base_url, "POST", "/delete", query="key=three", body=b"", content_type=JSON_T,
                       signer=signer)
-    assert assert_json(resp, 200) == {"key": "three", "deleted": True}
+    assert assert_json(resp, 200) == {"key": "three", "deleted": True, "version": VERSION}
     for key in ("one", "two", "three"):
         assert committed(config, key) is None
         resp = await send(http_client, base_url, "POST", "/delete", body=json.dumps({"key": key}).encode(),
@@ -296,10 +297,10 @@ async def test_durable_save_and_delete_are_committed_before_the_answer(
 ) -> None:
     resp = await send(http_client, base_url, "POST", "/save", query="durable=" + flag, body=save_body("d", [1, 2]),
                       content_type=JSON_T, signer=signer)
-    assert assert_json(resp, 200) == {"key": "d", "saved": True}
+    assert assert_json(resp, 200) == {"key": "d", "saved": True, "version": VERSION}
     assert committed(config, "d") == "[1,2]"
     resp = await send(http_client, base_url, "DELETE", "/delete", query="key=d&durable=" + flag, signer=signer)
-    assert assert_json(resp, 200) == {"key": "d", "deleted": True}
+    assert assert_json(resp, 200) == {"key": "d", "deleted": True, "version": VERSION}
     assert committed(config, "d") is None
 
 
@@ -307,11 +308,11 @@ async def test_durable_save_and_delete_are_committed_before_the_answer(
 async def test_concurrent_requests_all_land(kv: AsyncKVClient, config: Config) -> None:
     keys = [f"c{i}" for i in range(40)]
     saved = await asyncio.gather(*(kv.save(k, {"i": i}) for i, k in enumerate(keys)))
-    assert saved == [{"key": k, "saved": True} for k in keys]
+    assert saved == [{"key": k, "saved": True, "version": VERSION} for k in keys]
     assert await asyncio.gather(*(kv.get(k) for k in keys)) == [{"i": i} for i in range(len(keys))]
     assert all(committed(config, k) == json.dumps({"i": i}, separators=(",", ":")) for i, k in enumerate(keys))
     deleted = await asyncio.gather(*(kv.delete(k) for k in keys[::2]))
-    assert deleted == [{"key": k, "deleted": True} for k in keys[::2]]
+    assert deleted == [{"key": k, "deleted": True, "version": VERSION} for k in keys[::2]]
     assert [committed(config, k) is None for k in keys] == [i % 2 == 0 for i in range(len(keys))]
 
 
@@ -322,9 +323,9 @@ async def test_bodies_up_to_the_limit_are_read(http_client: Any, base_url: str, 
     body = head + b" " * (MAX_BODY - len(head) - 1) + b"}"  # white space is not part of the value
     assert len(body) == MAX_BODY
     resp = await send(http_client, base_url, "POST", "/save", body=body, content_type=JSON_T, signer=signer)
-    assert assert_json(resp, 200) == {"key": "edge", "saved": True}
+    assert assert_json(resp, 200) == {"key": "edge", "saved": True, "version": VERSION}
     value = "v" * (MAX_VALUE - 2)  # its JSON text is exactly MAX_VALUE bytes with the quotes
-    assert await kv.save("edge", value) == {"key": "edge", "saved": True}
+    assert await kv.save("edge", value) == {"key": "edge", "saved": True, "version": VERSION}
     assert await kv.get("edge") == value
 
 
@@ -340,7 +341,7 @@ async def test_a_chunked_body_under_the_limit_is_read_and_signed(
     })
     async with RawConnection(http_port) as conn:
         await conn.send(head, chunked(body[:5], body[5:12], body[12:]), b"0\r\n\r\n")
-        assert assert_json(await conn.read_reply(), 200) == {"key": "chunky", "saved": True}
+        assert assert_json(await conn.read_reply(), 200) == {"key": "chunky", "saved": True, "version": VERSION}
     assert await kv.get("chunky") == {"parts": 3}
 
 
@@ -417,7 +418,7 @@ ERRORS: dict[str, Bad] = {
     "delete of an absent key": Bad(404, "not_found", method="DELETE", path="/delete", query="key=absent",
                                    content_type=None),
     "POST delete of an absent key": Bad(404, "not_found", path="/delete", body=b'{"key":"absent"}'),
-    "unknown route signed": Bad(404, "not_found", method="GET", path="/keys", content_type=None),
+    "unknown route signed": Bad(404, "not_found", method="GET", path="/list", content_type=None),
     "missing key param on /get": Bad(400, "missing_key", method="GET", path="/get", content_type=None),
     "other params but no key on /get": Bad(400, "bad_request", method="GET", path="/get", query="k=1&Key=2",
                                            content_type=None),
@@ -440,9 +441,8 @@ ERRORS: dict[str, Bad] = {
     "repeated key member in the JSON body": Bad(400, "bad_request", body=b'{"key":"k","key":"k2","value":1}'),
     "repeated value member in the JSON body": Bad(400, "bad_request", body=b'{"key":"k","value":1,"value":2}'),
     "repeated durable on /save": Bad(400, "bad_request", query="durable=0&durable=1", body=b'{"key":"k","value":1}'),
-    "unknown query parameter on /save": Bad(400, "bad_request", query="ttl=5", body=b'{"key":"k","value":1}'),
-    "if_version before versions exist": Bad(400, "bad_request", query="if_version=0",
-                                            body=b'{"key":"k","value":1}'),
+    "unknown query parameter on /save": Bad(400, "bad_request", query="expire=5", body=b'{"key":"k","value":1}'),
+    "a query parameter of /delete on /save": Bad(400, "bad_request", query="key=k", body=b'{"key":"k","value":1}'),
     "unknown body field on /save": Bad(400, "bad_request", body=b'{"key":"k","value":1,"ttl":5}'),
     "repeated form field on /save": Bad(400, "bad_request", body=b"key=k&value=1&value=2", content_type=FORM_CT),
     "key in both the body and the query of POST /delete": Bad(400, "bad_request", path="/delete", query="key=k",
@@ -533,7 +533,7 @@ async def test_unusable_body_framing_gets_a_json_400_and_the_connection_closes(
         await conn.send(head, b"hello")
         assert_error(await conn.read_reply(), 400, "bad_request")
         assert await conn.closed_by_server()
-    assert await kv.save("after framing", 3) == {"key": "after framing", "saved": True}
+    assert await kv.save("after framing", 3) == {"key": "after framing", "saved": True, "version": VERSION}
 
 
 @pytest.mark.parametrize("framing", list(FRAMING_ERRORS.values()), ids=list(FRAMING_ERRORS))
@@ -579,7 +579,7 @@ async def test_content_length_one_over_the_limit_is_refused(http_server: Any, ht
         assert_error(await conn.read_reply(), 413, "too_large")
         assert await conn.closed_by_server()
     # The server is fine afterwards.
-    assert await kv.save("after", 1) == {"key": "after", "saved": True}
+    assert await kv.save("after", 1) == {"key": "after", "saved": True, "version": VERSION}
 
 
 @pytest.mark.gen_test
@@ -599,7 +599,7 @@ async def test_a_chunked_body_that_grows_past_the_limit_is_refused(
         resp = await conn.read_reply()
         assert_error(resp, 413, "too_large")
         assert await conn.closed_by_server()
-    assert await kv.save("after", 2) == {"key": "after", "saved": True}
+    assert await kv.save("after", 2) == {"key": "after", "saved": True, "version": VERSION}
 
 
 @pytest.mark.gen_test
@@ -711,11 +711,14 @@ def test_curl_and_openssl_against_a_real_exercise3(exercise3: ServerProcess) -> 
     host = f"127.0.0.1:{exercise3.port}"
     assert curl("GET", host, "/authorize") == (200, {"authorized": True, "key_id": TEST_KEY_ID})
     body = '{"key":"a key/with?odd=chars","value":{"café":["☕",1.5,null]}}'
-    assert curl("POST", host, "/save", "durable=1", body) == (200, {"key": "a key/with?odd=chars", "saved": True})
+    assert curl("POST", host, "/save", "durable=1", body) == (200, {"key": "a key/with?odd=chars", "saved": True,
+                                                                    "version": VERSION})
     query = "key=" + quote("a key/with?odd=chars", safe="")
     assert curl("GET", host, "/get", query) == (200, {"key": "a key/with?odd=chars",
-                                                      "value": {"café": ["☕", 1.5, None]}})
-    assert curl("DELETE", host, "/delete", query) == (200, {"key": "a key/with?odd=chars", "deleted": True})
+                                                      "value": {"café": ["☕", 1.5, None]},
+                                                      "version": VERSION, "expires_at": None})
+    assert curl("DELETE", host, "/delete", query) == (200, {"key": "a key/with?odd=chars", "deleted": True,
+                                                            "version": VERSION})
     status, doc = curl("GET", host, "/get", query)
     assert (status, doc["error"]) == (404, "not_found")
     # A signature over a different query is refused.
@@ -730,9 +733,9 @@ def test_a_real_exercise3_keeps_its_data_across_a_restart(tmp_path: Path, keys_f
         first.wait_listening()
         assert str(db) in first.lines[-1]
         with KVClient(first.base_url, Signer(TEST_KEY_ID, TEST_SECRET)) as c:
-            assert c.save("kept", {"n": 1}) == {"key": "kept", "saved": True}
-            assert c.save("dropped", 1) == {"key": "dropped", "saved": True}
-            assert c.delete("dropped") == {"key": "dropped", "deleted": True}
+            assert c.save("kept", {"n": 1}) == {"key": "kept", "saved": True, "version": VERSION}
+            assert c.save("dropped", 1) == {"key": "dropped", "saved": True, "version": VERSION}
+            assert c.delete("dropped") == {"key": "dropped", "deleted": True, "version": VERSION}
         assert first.stop() == 0, first.lines
     assert any("stopped" in line for line in first.lines)
     with ServerProcess.start(3, cfg) as second:

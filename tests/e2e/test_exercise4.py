@@ -29,7 +29,7 @@ from tests.e2e.cache_helpers import (
     stored,
     write_lock,
 )
-from tests.e2e.helpers import FRAMING_ERRORS, pipelined_behind_framing_error, raw_head
+from tests.e2e.helpers import FRAMING_ERRORS, VERSION, pipelined_behind_framing_error, raw_head
 from tests.unit.fakes import ManualClock
 
 LONG_INTERVAL_MS = 60_000  # only explicit flushes and durable writes reach sqlite during a test
@@ -106,8 +106,8 @@ async def test_read_your_writes_before_the_flush_and_sqlite_only_after_it(
     kv: AsyncKVClient, cache_app: CacheApp
 ) -> None:
     value = {"n": 1, "list": [1, 2.5, None, True], "s": "x"}
-    assert assert_ok(await save(kv, "k", value)) == {"key": "k", "saved": True}
-    assert assert_ok(await get(kv, "k")) == {"key": "k", "value": value}
+    assert assert_ok(await save(kv, "k", value)) == {"key": "k", "saved": True, "version": VERSION}
+    assert assert_ok(await get(kv, "k")) == {"key": "k", "value": value, "version": VERSION, "expires_at": None}
     assert "k" not in db_rows(cache_app.db), "a non-durable save must not be committed before a flush"
     assert (await stats(kv))["cache"]["dirty"] == 1
 
@@ -116,7 +116,7 @@ async def test_read_your_writes_before_the_flush_and_sqlite_only_after_it(
     assert assert_ok(await get(kv, "k"))["value"] == value
 
     # A delete is a tombstone: invisible at once, still in sqlite until the next flush.
-    assert assert_ok(await delete(kv, "k")) == {"key": "k", "deleted": True}
+    assert assert_ok(await delete(kv, "k")) == {"key": "k", "deleted": True, "version": VERSION}
     assert_error(await get(kv, "k"), 404, "not_found")
     assert_error(await delete(kv, "k"), 404, "not_found")
     assert db_rows(cache_app.db) == {"k": stored(value)}
@@ -180,7 +180,7 @@ async def test_stats_shape_and_counters(kv: AsyncKVClient, cache_app: CacheApp) 
 @gen_test
 async def test_durable_writes_are_in_sqlite_when_answered(kv: AsyncKVClient, cache_app: CacheApp) -> None:
     assert_ok(await save(kv, "plain", "p"))
-    assert assert_ok(await save(kv, "d", ["durable"], durable=True)) == {"key": "d", "saved": True}
+    assert assert_ok(await save(kv, "d", ["durable"], durable=True)) == {"key": "d", "saved": True, "version": VERSION}
     # The durable write's flush commits everything dirty at its start, the earlier write included.
     assert db_rows(cache_app.db) == {"d": stored(["durable"]), "plain": stored("p")}
     s = await stats(kv)
@@ -245,7 +245,7 @@ async def test_g9_while_sqlite_fails_writes_are_refused_and_reads_go_on(kv: Asyn
 
     await apoll(recovered, timeout_s=10, what="a successful flush after the lock is released")
     assert db_rows(cache_app.db) == {"a": "1", "d": "3"}
-    assert assert_ok(await save(kv, "b", 2)) == {"key": "b", "saved": True}
+    assert assert_ok(await save(kv, "b", 2)) == {"key": "b", "saved": True, "version": VERSION}
     assert (await stats(kv))["flush"]["refusing_writes"] is False
 
 

@@ -39,7 +39,7 @@ from tests.e2e.cache_helpers import (
     stored,
     write_lock,
 )
-from tests.e2e.helpers import PROCESS_TIMEOUT_S, ServerProcess
+from tests.e2e.helpers import PROCESS_TIMEOUT_S, VERSION, ServerProcess
 
 gen_test = pytest.mark.gen_test(timeout=30)
 
@@ -124,7 +124,7 @@ async def test_last_write_wins_across_saves_and_deletes(kv: AsyncKVClient, cache
         elif roll < 0.85:
             resp = await kv.request("DELETE", "/delete", params={"key": key})
             if key in model:
-                assert assert_ok(resp) == {"key": key, "deleted": True}
+                assert assert_ok(resp) == {"key": key, "deleted": True, "version": VERSION}
                 del model[key]
             else:
                 assert_error(resp, 404, "not_found")
@@ -167,7 +167,7 @@ async def test_a_deleted_key_stays_deleted_across_flushes(kv: AsyncKVClient, cac
 @gen_test
 async def test_unicode_keys_and_values_round_trip_through_a_flush(kv: AsyncKVClient, cache_app: CacheApp) -> None:
     for key, value in UNICODE_CASES.items():
-        assert await kv.save(key, value) == {"key": key, "saved": True}
+        assert await kv.save(key, value) == {"key": key, "saved": True, "version": VERSION}
     for key, value in UNICODE_CASES.items():
         assert await current(kv, key) == value
     assert await flush(kv) == len(UNICODE_CASES)
@@ -213,7 +213,7 @@ def test_signal_flushes_every_acknowledged_write(
     n = 40
     with srv.client() as c:
         for i in range(n):
-            assert c.save(f"k{i}", {"i": i}) == {"key": f"k{i}", "saved": True}
+            assert c.save(f"k{i}", {"i": i}) == {"key": f"k{i}", "saved": True, "version": VERSION}
         c.save("k0", "last")  # overwrite: the committed state is the last acknowledged one
         s = c.stats()
         assert s["cache"]["dirty"] == n and s["flush"]["count"] == 0, s
@@ -268,7 +268,7 @@ def test_kill_9_loses_nothing_durable_nor_older_than_a_flush(
              timeout_s=10, what="a periodic flush after the first batch")
         durable = {f"durable{i}": f"d{i}" for i in range(5)}
         for k, v in durable.items():
-            assert c.save(k, v, durable=True) == {"key": k, "saved": True}
+            assert c.save(k, v, durable=True) == {"key": k, "saved": True, "version": VERSION}
         for i in range(5):  # acknowledged just before the crash: these may or may not survive
             c.save(f"young{i}", i)
     srv.kill()
@@ -324,7 +324,7 @@ def test_locked_sqlite_fails_flushes_without_losing_writes(
     with srv.client() as c:
         c.save("committed", "before the lock", durable=True)
         with closing(sqlite3.connect(str(db))) as conn, conn:  # a row the cache has never seen
-            conn.execute("INSERT INTO kv(key, value, updated_at) VALUES ('outside', '\"from sqlite\"', 0)")
+            conn.execute("INSERT INTO kv(key, value, version, updated_at) VALUES ('outside', '\"from sqlite\"', 1, 0)")
         outside = {"committed": stored("before the lock"), "outside": stored("from sqlite")}
         with write_lock(db):
             acknowledged = {f"new{i}": i for i in range(max_dirty)}

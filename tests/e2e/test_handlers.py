@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -17,11 +18,12 @@ from kvtornado.app import make_app
 from kvtornado.auth import Authenticator
 from kvtornado.client import AsyncKVClient, Signer
 from kvtornado.config import Config
-from kvtornado.errors import StorageError
+from kvtornado.errors import NotFound, StorageError
 from kvtornado.handlers import Admission
+from kvtornado.ops import Op, Outcome, Record
 from tests.conftest import TEST_KEY_ID, TEST_SECRET
 from tests.e2e.cache_helpers import assert_error, header
-from tests.e2e.helpers import RawConnection, host_of, raw_head, serving
+from tests.e2e.helpers import VERSION, RawConnection, host_of, raw_head, serving
 from tests.e2e.helpers import assert_error as assert_raw_error
 from tests.unit.fakes import wait_until
 
@@ -43,22 +45,37 @@ class ScriptedKV:
         if self.fail is not None:
             raise self.fail
 
-    async def get(self, key: str) -> str | None:
+    async def get_record(self, key: str) -> Record | None:
         self._maybe_fail()
-        return self.data.get(key)
+        value = self.data.get(key)
+        return None if value is None else Record(value, 1)
 
-    async def put(self, key: str, value: str, *, durable: bool = False) -> None:
+    async def put(self, key: str, value: str, *, durable: bool = False, ttl: int | None = None,
+                  if_version: int | None = None) -> int:
         self._maybe_fail()
         self.puts += 1
         self.durable.append(durable)
         if self.hold is not None:
             await self.hold.wait()
         self.data[key] = value
+        return self.puts
 
-    async def delete(self, key: str, *, durable: bool = False) -> bool:
+    async def apply(self, ops: Sequence[Op], *, durable: bool = False, batch: bool = False) -> list[Outcome]:
+        """Deletes only: what the handlers send here besides /incr and /batch, which these tests do not use."""
         self._maybe_fail()
         self.durable.append(durable)
-        return self.data.pop(key, None) is not None
+        (op,) = ops
+        assert op.kind == "delete"
+        if self.data.pop(op.key, None) is None:
+            raise NotFound()
+        return [Outcome(op, Record(None, 2), True)]
+
+    async def list_keys(self, prefix: str, after: str | None, limit: int) -> list[tuple[str, Record]]:
+        self._maybe_fail()
+        return []
+
+    async def sweep(self) -> int:
+        return 0
 
     async def flush(self) -> int:
         self._maybe_fail()
@@ -178,7 +195,8 @@ async def test_once_stopping_every_new_request_is_refused_and_idle_waits_for_tho
         await asyncio.sleep(0)
         assert not idle.done(), "idle() returned while a request was being served"
         kv_double.hold.set()
-        assert (await held).json() == {"key": "early", "saved": True}  # the one being served completes
+        # the one being served completes
+        assert (await held).json() == {"key": "early", "saved": True, "version": VERSION}
         await asyncio.wait_for(idle, timeout=5)
     assert kv_double.data == {"early": "1"}
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text  # nothing broke in a hook

@@ -35,7 +35,7 @@ from schemathesis.specs.openapi.checks import (
 
 from kvtornado.client import KVClient, Signer
 from tests.conftest import TEST_KEY_ID, TEST_SECRET, write_config, write_keys
-from tests.e2e.helpers import ROOT, ServerProcess
+from tests.e2e.helpers import ROOT, VERSION, ServerProcess
 
 SCHEMA_PATH = ROOT / "docs" / "openapi.yaml"
 # Cases per operation and generation mode: enough to reach every documented answer, small enough for seconds.
@@ -317,7 +317,7 @@ def test_generated_requests_leave_the_server_healthy(
     with KVClient(server.base_url, Signer(TEST_KEY_ID, TEST_SECRET)) as client:
         assert client.ping() == {"ping": "pong"}
         value = {"after": "schemathesis", "n": [1, 2.5, None, True], "text": "héllo ☃"}
-        assert client.save("health-check", value) == {"key": "health-check", "saved": True}
+        assert client.save("health-check", value) == {"key": "health-check", "saved": True, "version": VERSION}
         assert client.get("health-check") == value
         assert client.flush()["flushed"] >= 1
         assert client.get("health-check") == value

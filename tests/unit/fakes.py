@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from kvtornado.errors import StorageError
+from kvtornado.ops import Record
 from kvtornado.store import Row, ordered_batches
 
 T = TypeVar("T")
@@ -39,44 +40,59 @@ class Gate:
 
 
 class FakeStore:
-    """The two calls the cache uses, over a plain dict of committed rows.
+    """The calls the cache uses, over a plain dict of committed records.
 
-    ``read`` takes its value when it is called and returns it after the read gate: a stalled read is a read
+    ``read`` takes its record when it is called and returns it after the read gate: a stalled read is a read
     that sqlite answered before some later commit. ``write_rows`` applies its rows all at once after the
-    write gate, or raises ``StorageError`` when the store is failing.
+    write gate, or raises ``StorageError`` when the store is failing. ``committed`` shows the committed values
+    (JSON text) by key; ``records`` the whole records. Versions are reserved from a high-water mark, as sqlite does.
     """
 
     def __init__(self, committed: dict[str, str] | None = None) -> None:
-        self.committed: dict[str, str] = dict(committed or {})
+        self.records: dict[str, Record] = {
+            key: Record(value, n) for n, (key, value) in enumerate((committed or {}).items(), start=1)
+        }
+        self.hwm = len(self.records)
+        self.clock: Callable[[], float] = time.time
         self.read_gate = Gate()
         self.write_gate = Gate()
+        self.range_gate = Gate()
         self.fail_writes = False
         self.fail_reads = False
+        self.fail_reserve = False
         self.writes_before_failure: int | None = None  # fail every write_rows call after this many succeed
         self.reads: list[str] = []  # every key read, in order
-        self.write_calls: list[list[Row]] = []  # every write_rows call, failed ones included
-        self.commits: list[list[Row]] = []  # the write_rows calls that committed
+        self.write_calls: list[list[tuple[str, str | None]]] = []  # every write_rows call (key, value), failed too
+        self.commits: list[list[tuple[str, str | None]]] = []  # the write_rows calls that committed
+        self.reservations: list[tuple[int, int]] = []
+        self.ranges: list[tuple[str, str | None, int, bool]] = []  # (prefix, after, limit, serial) of every range
+        self.swept: list[str] = []
         self.in_flight = 0
         self.max_in_flight = 0
 
+    @property
+    def committed(self) -> dict[str, str]:
+        return {key: record.value for key, record in self.records.items()}  # type: ignore[misc]
+
     def heal(self) -> None:
-        self.fail_writes = self.fail_reads = False
+        self.fail_writes = self.fail_reads = self.fail_reserve = False
         self.writes_before_failure = None
 
-    async def read(self, key: str) -> str | None:
+    async def read(self, key: str) -> Record | None:
         self.reads.append(key)
-        value = self.committed.get(key)
+        record = self.records.get(key)
         await self.read_gate.pass_through()
         if self.fail_reads:
             raise StorageError("sqlite read failed: disk I/O error (fake)")
-        return value
+        return record
 
     async def ordered_batches(self, rows: Mapping[str, T], batch_rows: int) -> list[list[tuple[str, T]]]:
         return ordered_batches(rows, batch_rows)  # the real planner, run inline
 
     async def write_rows(self, rows: Sequence[Row]) -> None:
         batch = list(rows)
-        self.write_calls.append(batch)
+        shown = [(key, record.value) for key, record in batch]
+        self.write_calls.append(shown)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -85,14 +101,40 @@ class FakeStore:
                 raise StorageError("sqlite write failed: database is locked (fake)")
             if self.writes_before_failure is not None:
                 self.writes_before_failure -= 1
-            for key, value in batch:
-                if value is None:
-                    self.committed.pop(key, None)
+            for key, record in batch:
+                assert record.version <= self.hwm, "a version written before it was reserved"
+                if record.value is None:
+                    self.records.pop(key, None)
                 else:
-                    self.committed[key] = value
-            self.commits.append(batch)
+                    self.records[key] = record
+            self.commits.append(shown)
         finally:
             self.in_flight -= 1
+
+    async def reserve_versions(self, n: int) -> tuple[int, int]:
+        if self.fail_reserve:
+            raise StorageError("sqlite write failed: disk I/O error (fake)")
+        first, self.hwm = self.hwm + 1, self.hwm + n
+        self.reservations.append((first, self.hwm))
+        return first, self.hwm
+
+    async def range(self, prefix: str, after: str | None, limit: int, now: float, *,
+                    serial: bool = False) -> list[Row]:
+        self.ranges.append((prefix, after, limit, serial))
+        rows = sorted((key, record) for key, record in self.records.items()
+                      if key.startswith(prefix) and (after is None or key > after) and record.live(now))
+        await self.range_gate.pass_through()
+        if self.fail_reads:
+            raise StorageError("sqlite read failed: disk I/O error (fake)")
+        return rows[:limit]
+
+    async def sweep_expired(self, now: float, limit: int = 1000) -> int:
+        gone = sorted(key for key, record in self.records.items()
+                      if record.expires_at is not None and record.expires_at <= now)[:limit]
+        for key in gone:
+            del self.records[key]
+        self.swept += gone
+        return len(gone)
 
 
 class _ManualTimer:

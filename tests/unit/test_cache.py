@@ -23,6 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from kvtornado.cache import WriteBehindCache, nbytes
 from kvtornado.config import CacheConfig
 from kvtornado.errors import DurableTimeout, Overloaded, StorageError
+from kvtornado.ops import Record
 from kvtornado.scheduler import MAX_BACKOFF_MS
 from kvtornado.store import SqliteStore
 from tests.unit.fakes import FakeStore, ManualClock, run_ready, wait_until
@@ -1011,14 +1012,15 @@ async def test_sqlite_crash_loses_only_what_was_not_committed(tmp_path: Path, ma
 async def test_sqlite_miss_reads_and_durable_writes(tmp_path: Path, make_cache: MakeCache) -> None:
     store = await open_sqlite(tmp_path / "kv.sqlite3")
     try:
-        await store.write_rows([("old", '"o"')])
+        await store.write_rows([("old", Record('"o"', 1))])
         cache = make_cache(store)
         assert await cache.get("old") == '"o"'
         assert await cache.get("old") == '"o"'
         assert store.reads == 1  # the second get was a hit
         assert await cache.get("absent") is None
         await cache.put("new", '{"n":[1,2]}', durable=True)
-        assert await store.read("new") == '{"n":[1,2]}'
+        new = await store.read("new")
+        assert new is not None and new.value == '{"n":[1,2]}'
         assert await cache.delete("old", durable=True) is True
         assert await store.read("old") is None
     finally:
@@ -1500,7 +1502,7 @@ async def test_stats_report_every_counter_and_limit(store: FakeStore, make_cache
     assert await cache.get("zz") is None  # a miss
     stats = cache.stats()
     assert stats["cache"] == {
-        "entries": 3, "clean": 2, "hits": 4, "misses": 1, "evictions": 0, "dirty": 1,
+        "entries": 3, "clean": 2, "hits": 4, "misses": 1, "evictions": 0, "expired": 0, "dirty": 1,
         "dirty_bytes": 1 + 5, "clean_bytes": (1 + 3) + (1 + 4),
         "max_entries": 7, "max_bytes": 7000, "max_dirty": 70, "max_dirty_bytes": 70_000,
     }

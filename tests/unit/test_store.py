@@ -13,11 +13,17 @@ import pytest
 
 from kvtornado import store as store_module
 from kvtornado.errors import StorageError
+from kvtornado.ops import Record
 from kvtornado.store import MAX_BUSY_TIMEOUT_MS, SCHEMA_VERSION, SqliteStore, ordered_batches
 
 # Captured at import: tests that patch ``sqlite3.connect`` still open their own connections untraced.
 _connect = sqlite3.connect
 CLOCK = 1234.5
+
+
+def rows(pairs: list[tuple[str, str | None]]) -> list[tuple[str, Record]]:
+    """(key, value JSON text or None for a delete) as the store's rows, versions 1, 2, ... in order."""
+    return [(key, Record(value, n)) for n, (key, value) in enumerate(pairs, start=1)]
 
 
 def direct(path: Path) -> sqlite3.Connection:
@@ -74,19 +80,24 @@ def test_open_creates_the_folder_and_the_file(store: SqliteStore, db_path: Path)
 
 def test_journal_mode_is_wal_and_schema_version_is_set(store: SqliteStore, db_path: Path) -> None:
     assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
-    assert query(db_path, "PRAGMA user_version") == [(1,)]
-    assert SCHEMA_VERSION == 1
+    assert query(db_path, "PRAGMA user_version") == [(2,)]
+    assert SCHEMA_VERSION == 2
 
 
 def test_table_layout(store: SqliteStore, db_path: Path) -> None:
-    assert query(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'") == [("kv",)]
+    assert query(db_path, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name") == [("kv",), ("meta",)]
     (sql,), = query(db_path, "SELECT sql FROM sqlite_master WHERE name = 'kv'")
     assert sql.rstrip().upper().endswith("WITHOUT ROWID")
     columns = [(name, kind, notnull, pk) for _, name, kind, notnull, _, pk in query(db_path, "PRAGMA table_info(kv)")]
     # a WITHOUT ROWID primary key is NOT NULL by itself
-    assert columns == [("key", "TEXT", 1, 1), ("value", "TEXT", 1, 0), ("updated_at", "REAL", 1, 0)]
+    assert columns == [("key", "TEXT", 1, 1), ("value", "TEXT", 1, 0), ("version", "INTEGER", 1, 0),
+                       ("expires_at", "REAL", 0, 0), ("updated_at", "REAL", 1, 0)]
     with pytest.raises(sqlite3.OperationalError, match="rowid"):
         query(db_path, "SELECT rowid FROM kv")
+    # the expiry sweep finds expired rows through an index on expires_at
+    assert query(db_path, "SELECT name FROM pragma_index_list('kv') WHERE origin = 'c'") == [("kv_expires_at",)]
+    assert query(db_path, "SELECT name FROM pragma_index_info('kv_expires_at')") == [("expires_at",)]
+    assert query(db_path, "SELECT name, value FROM meta") == [("version_hwm", 0)]
 
 
 @pytest.mark.parametrize(("mode", "level"), [("OFF", 0), ("NORMAL", 1), ("FULL", 2)])
@@ -113,17 +124,17 @@ def test_busy_timeout_is_capped_at_five_seconds(tmp_path: Path) -> None:
 async def test_newer_schema_version_is_refused(io_loop: Any, tmp_path: Path) -> None:
     path = tmp_path / "kv.sqlite3"
     conn = direct(path)
-    conn.execute("PRAGMA user_version = 2")
+    conn.execute("PRAGMA user_version = 3")
     conn.close()
 
     s = SqliteStore(path)
     try:
-        with pytest.raises(StorageError, match="schema version 2 is newer than this program's \\(1\\)"):
+        with pytest.raises(StorageError, match="schema version 3 is newer than this program's \\(2\\)"):
             await s.open()
     finally:
         await s.close()
     # the file was left as it was
-    assert query(path, "PRAGMA user_version") == [(2,)]
+    assert query(path, "PRAGMA user_version") == [(3,)]
     assert query(path, "SELECT name FROM sqlite_master") == []
 
 
@@ -204,11 +215,11 @@ async def test_write_rows_puts_and_deletes_in_one_transaction(
     s = SqliteStore(tmp_path / "kv.sqlite3", busy_timeout_ms=50)
     await s.open()
     try:
-        await s.write_rows([("gone", "0"), ("kept", "0")])
+        await s.write_rows(rows([("gone", "0"), ("kept", "0")]))
         trace.clear()
         commits = s.commits
 
-        await s.write_rows([("b", '"x"'), ("gone", None), ("a", "1"), ("absent", None)])
+        await s.write_rows(rows([("b", '"x"'), ("gone", None), ("a", "1"), ("absent", None)]))
 
         assert trace[0] == "BEGIN IMMEDIATE" and trace[-1] == "COMMIT"
         assert sum(1 for sql in trace if sql.startswith(("BEGIN", "COMMIT", "ROLLBACK"))) == 2
@@ -234,13 +245,13 @@ async def test_write_rows_last_write_of_a_key_wins(
     store: SqliteStore, rows: list[tuple[str, str | None]], expected: str | None
 ) -> None:
     await store.put("k", '"before"')
-    await store.write_rows(rows)
+    await store.write_rows([(key, Record(value, n)) for n, (key, value) in enumerate(rows, start=2)])
     assert await store.get("k") == expected
 
 
 @pytest.mark.gen_test
 async def test_failing_write_rows_is_rolled_back_whole(store: SqliteStore, db_path: Path) -> None:
-    await store.write_rows([("gone", "0")])
+    await store.write_rows(rows([("gone", "0")]))
     conn = direct(db_path)
     conn.execute(
         "CREATE TRIGGER refuse BEFORE INSERT ON kv WHEN NEW.key = 'boom' BEGIN SELECT RAISE(ABORT, 'refused'); END"
@@ -250,36 +261,36 @@ async def test_failing_write_rows_is_rolled_back_whole(store: SqliteStore, db_pa
 
     with pytest.raises(StorageError, match="refused"):
         # sorted, "a" is written before "boom" fails: the rollback must undo it
-        await store.write_rows([("a", "1"), ("boom", "2"), ("c", "3"), ("gone", None)])
+        await store.write_rows(rows([("a", "1"), ("boom", "2"), ("c", "3"), ("gone", None)]))
 
     assert [await store.get(k) for k in ("a", "boom", "c", "gone")] == [None, None, None, "0"]
     assert (store.commits, store.row_writes) == (commits, row_writes)
     # the connection is not left inside a transaction: the next batch commits
-    await store.write_rows([("a", "1"), ("gone", None)])
+    await store.write_rows(rows([("a", "1"), ("gone", None)]))
     assert [await store.get(k) for k in ("a", "gone")] == ["1", None]
 
 
 @pytest.mark.gen_test
 async def test_empty_write_rows_is_a_no_op(store: SqliteStore) -> None:
-    await store.write_rows([])
+    await store.write_rows(rows([]))
     assert store.commits == 0
     assert await store.flush() == 0
 
 
 @pytest.mark.gen_test
 async def test_stats_count_reads_row_writes_and_commits(store: SqliteStore) -> None:
-    await store.write_rows([("a", "1"), ("b", "2")])
+    await store.write_rows(rows([("a", "1"), ("b", "2")]))
     await store.get("a")
     await store.delete("a")
     await store.delete("a")
-    assert store.stats() == {"storage": {"reads": 1, "row_writes": 3, "commits": 3}}
+    assert store.stats() == {"storage": {"reads": 1, "row_writes": 3, "commits": 3, "expired_rows_swept": 0}}
 
 
 @pytest.mark.gen_test
 async def test_data_survives_close_and_reopen(io_loop: Any, db_path: Path) -> None:
     first = SqliteStore(db_path)
     await first.open()
-    await first.write_rows([("a", '"x"'), ("b", "[1,2]")])
+    await first.write_rows(rows([("a", '"x"'), ("b", "[1,2]")]))
     await first.delete("b")
     await first.close()
 
@@ -290,7 +301,7 @@ async def test_data_survives_close_and_reopen(io_loop: Any, db_path: Path) -> No
         assert await second.get("b") is None
     finally:
         await second.close()
-    assert query(db_path, "PRAGMA user_version") == [(1,)]
+    assert query(db_path, "PRAGMA user_version") == [(2,)]
     assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
 
 
@@ -302,7 +313,7 @@ async def test_a_closed_store_answers_storage_error(io_loop: Any, db_path: Path)
     with pytest.raises(StorageError, match="closed"):
         await s.get("a")
     with pytest.raises(StorageError, match="closed"):
-        await s.write_rows([("a", "1")])
+        await s.write_rows(rows([("a", "1")]))
     await s.close()  # closing twice is harmless
 
 
@@ -318,7 +329,7 @@ async def test_locked_database_fails_writes_but_not_reads(store: SqliteStore, db
         other.execute("BEGIN IMMEDIATE")  # holds the write lock longer than busy_timeout_ms (50)
 
         with pytest.raises(StorageError, match="locked"):
-            await store.write_rows([("k", '"new"'), ("n", "1")])
+            await store.write_rows(rows([("k", '"new"'), ("n", "1")]))
         with pytest.raises(StorageError, match="locked"):
             await store.delete("k")
         assert await store.get("k") == '"old"'  # reads use their own connection and WAL
@@ -327,7 +338,7 @@ async def test_locked_database_fails_writes_but_not_reads(store: SqliteStore, db
         other.execute("ROLLBACK")
         other.close()
 
-    await store.write_rows([("k", '"new"'), ("n", "1")])
+    await store.write_rows(rows([("k", '"new"'), ("n", "1")]))
     assert await store.get("k") == '"new"'
     assert await store.get("n") == "1"
     assert store.commits == commits + 1
@@ -354,7 +365,7 @@ async def test_no_sqlite_work_on_the_event_loop_thread(
 
     await s.open()
     await s.put("a", "1")
-    await s.write_rows([("b", "2"), ("a", None)])
+    await s.write_rows(rows([("b", "2"), ("a", None)]))
     assert await s.get("b") == "2"
     await s.delete("b")
     await s.close()
@@ -363,9 +374,10 @@ async def test_no_sqlite_work_on_the_event_loop_thread(
     assert len(trace) > 10
     assert all(thread != loop_thread for thread, _ in trace)
     writes = {t for t, sql in trace if sql.startswith(("INSERT", "DELETE", "BEGIN", "COMMIT", "CREATE"))}
-    reads = {t for t, sql in trace if sql.startswith("SELECT value")}
+    # /get reads on the reader thread; a delete reads the row it checks inside its write transaction
+    reads = {t.rsplit("_", 1)[0] for t, sql in trace if sql.startswith("SELECT value")}
     assert len(writes) == 1 and next(iter(writes)).startswith("kv-sqlite-writer")
-    assert len(reads) == 1 and next(iter(reads)).startswith("kv-sqlite-reader")
+    assert reads == {"kv-sqlite-reader", "kv-sqlite-writer"}
     assert sum(1 for _, sql in trace if sql == "CONNECT") == 2  # one connection each
 
 
@@ -419,7 +431,7 @@ async def test_a_new_database_is_private(tmp_path: Path) -> None:
     s = SqliteStore(path)
     await s.open()
     try:
-        await s.write_rows([("k", '"v"')])
+        await s.write_rows(rows([("k", '"v"')]))
         assert oct(path.parent.stat().st_mode & 0o777) == "0o700"
         for p in (path, path.with_name("kv.sqlite3-wal"), path.with_name("kv.sqlite3.lock")):
             assert oct(p.stat().st_mode & 0o777) == "0o600", p
@@ -430,7 +442,7 @@ async def test_a_new_database_is_private(tmp_path: Path) -> None:
 @pytest.mark.gen_test
 async def test_a_store_never_opened_answers_storage_error_not_a_crash(tmp_path: Path) -> None:
     s = SqliteStore(tmp_path / "kv.sqlite3")
-    for call in (s.read("k"), s.write_rows([("k", "1")]), s.delete("k")):
+    for call in (s.read("k"), s.write_rows(rows([("k", "1")])), s.delete("k")):
         with pytest.raises(StorageError, match=r"^the store is closed$"):
             await call
     await s.close()
@@ -457,10 +469,10 @@ async def test_sqlite_errors_on_read_and_delete_are_storage_errors(tmp_path: Pat
         conn.close()
         with pytest.raises(StorageError, match="sqlite read failed: no such table"):
             await s.read("k")
-        with pytest.raises(StorageError, match="sqlite delete failed: no such table"):
+        with pytest.raises(StorageError, match="sqlite write failed: no such table"):
             await s.delete("k")
         with pytest.raises(StorageError, match="sqlite write failed: no such table"):
-            await s.write_rows([("k", "1")])
+            await s.write_rows(rows([("k", "1")]))
     finally:
         await s.close()
 
@@ -470,8 +482,8 @@ async def test_close_closes_both_connections_so_the_wal_is_checkpointed_away(tmp
     path = tmp_path / "kv.sqlite3"
     s = SqliteStore(path)
     await s.open()
-    await s.write_rows([("k", "1")])
-    assert await s.read("k") == "1"
+    await s.write_rows(rows([("k", "1")]))
+    assert await s.read("k") == Record("1", 1)
     wal = path.with_name(path.name + "-wal")
     assert wal.exists()
     await s.close()
@@ -481,13 +493,13 @@ async def test_close_closes_both_connections_so_the_wal_is_checkpointed_away(tmp
 
 @pytest.mark.gen_test
 async def test_the_counters_add_up_over_several_calls(store: SqliteStore) -> None:
-    await store.write_rows([("a", "1"), ("b", "2")])
-    await store.write_rows([("c", "3")])
+    await store.write_rows(rows([("a", "1"), ("b", "2")]))
+    await store.write_rows(rows([("c", "3")]))
     await store.read("a")
     await store.read("nope")
     assert await store.delete("a") is True
     assert await store.delete("a") is False
-    assert store.stats() == {"storage": {"reads": 2, "row_writes": 4, "commits": 4}}
+    assert store.stats() == {"storage": {"reads": 2, "row_writes": 4, "commits": 4, "expired_rows_swept": 0}}
 
 
 @pytest.mark.gen_test
