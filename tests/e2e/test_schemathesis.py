@@ -138,7 +138,7 @@ def session() -> Iterator[requests.Session]:
 # What valid, signed data must reach at least once per operation: the work itself, not only refusals.
 REACHED = {
     "GET /ping": {200}, "GET /authorize": {200}, "POST /authorize": {200}, "POST /save": {200},
-    "POST /flush": {200}, "GET /stats": {200},
+    "POST /flush": {200}, "GET /stats": {200}, "GET /keys": {200}, "POST /incr": {200}, "POST /batch": {200},
     # 200 or 404: a valid, signed request reached the key/value store.
     "GET /get": {200, 404}, "DELETE /delete": {200, 404}, "POST /delete": {200, 404},
 }
@@ -210,7 +210,8 @@ def test_unsigned_requests_are_401_missing_auth(
 # Answers generated data rarely reaches, each checked against the schema like the generated ones.
 # (label, query, body, signer, headers set after signing, status, error code or None)
 _GOOD = Signer(TEST_KEY_ID, TEST_SECRET)
-EDGE_CASES = {
+EdgeCase = tuple[str, dict[str, str] | None, Any, Signer | None, dict[str, str] | None, int, str | None]
+EDGE_CASES: dict[str, EdgeCase] = {
     # condition headers are not signed, so they are refused rather than ignored (SPEC §5)
     "conditional GET /ping": ("GET /ping", None, None, None, {"If-None-Match": "*"}, 400, "bad_request"),
     "conditional GET /authorize": ("GET /authorize", None, None, _GOOD, {"If-None-Match": "*"}, 400, "bad_request"),
@@ -232,6 +233,30 @@ EDGE_CASES = {
     "POST /delete with neither body nor key": ("POST /delete", None, None, _GOOD, None, 400, "missing_key"),
     "text body": ("POST /save", None, "key=k", _GOOD, {"Content-Type": "text/plain"}, 415,
                   "unsupported_media_type"),
+    "form body on /incr": ("POST /incr", None, "key=k", _GOOD, None, 415, "unsupported_media_type"),
+    "form body on /batch": ("POST /batch", None, "ops=k", _GOOD, None, 415, "unsupported_media_type"),
+    # versions, conditions and expiry (SPEC §5)
+    "ttl=0": ("POST /save", {"ttl": "0"}, {"key": "edge-ttl", "value": 1}, _GOOD, None, 400, "bad_request"),
+    "empty if_version": ("POST /save", {"if_version": ""}, {"key": "edge-cond", "value": 1}, _GOOD, None, 400,
+                         "bad_request"),
+    "ttl in the /save body": ("POST /save", None, {"key": "edge-ttl", "value": 1, "ttl": 5}, _GOOD, None, 400,
+                              "bad_request"),
+    "if_version of an absent key": ("POST /save", {"if_version": "7"}, {"key": "edge-absent", "value": 1}, _GOOD,
+                                    None, 412, "version_mismatch"),
+    "delete?if_version=0 of an absent key": ("DELETE /delete", {"key": "edge-absent", "if_version": "0"}, None,
+                                             _GOOD, None, 404, "not_found"),
+    "incr by 1.5": ("POST /incr", None, {"key": "edge-n", "by": 1.5}, _GOOD, None, 400, "bad_request"),
+    "limit=0": ("GET /keys", {"limit": "0"}, None, _GOOD, None, 400, "bad_request"),
+    "values=2": ("GET /keys", {"values": "2"}, None, _GOOD, None, 400, "bad_request"),
+    "empty batch": ("POST /batch", None, {"ops": []}, _GOOD, None, 400, "bad_request"),
+    "batch incr of a non-integer": ("POST /batch", None, {"ops": [{"op": "save", "key": "edge-text", "value": "x"},
+                                                                 {"op": "incr", "key": "edge-text"}]},
+                                    _GOOD, None, 409, "not_an_integer"),
+}
+# What the error body carries besides error and message (SPEC §5).
+EDGE_FIELDS = {
+    "if_version of an absent key": {"current_version": 0},
+    "batch incr of a non-integer": {"index": 1},
 }
 
 
@@ -257,7 +282,47 @@ def test_edge_answers_are_documented(schema: Any, server: ServerProcess, name: s
     case.validate_response(response, checks=CHECKS)
     if code == "stale_timestamp":
         assert abs(int(response.headers["x-kv-server-time"][0]) - time.time()) < 60
+    for field, value in EDGE_FIELDS.get(name, {}).items():
+        assert response.json()[field] == value, response.text
     assert "etag" not in response.headers, response.headers
+
+
+def test_versions_expiry_and_etag_as_documented(schema: Any, server: ServerProcess) -> None:
+    """One key through save (with a ttl), get, a conditional incr, a listing and a batch: every answer
+    documented, every write a greater version, the ETag the quoted version, the expiry kept by incr."""
+    auth = KVHmacAuth(Signer(TEST_KEY_ID, TEST_SECRET))
+
+    def call(label: str, query: dict[str, str] | None = None, body: Any = None) -> Any:
+        operation = schema.find_operation_by_label(label)
+        if body is None:
+            case = operation.Case(query=query)
+        else:
+            case = operation.Case(query=query, body=body, media_type="application/json")
+        response = case.call(base_url=server.base_url, auth=auth, timeout=HTTP_TIMEOUT_S)
+        _check_error_answer(response, 200, None)
+        case.validate_response(response, checks=CHECKS)
+        return response
+
+    key = "edge-versions/n"
+    saved = call("POST /save", {"ttl": "3600"}, {"key": key, "value": 41}).json()
+    got = call("GET /get", {"key": key})
+    assert got.headers["etag"] == [f'"{saved["version"]}"']
+    assert got.json()["version"] == saved["version"]
+    expires_at = got.json()["expires_at"]
+    assert 3500 < expires_at - time.time() <= 3601  # set when the save was acknowledged
+    incr = call("POST /incr", {"if_version": str(saved["version"])}, {"key": key}).json()
+    assert incr == {"key": key, "value": 42, "version": incr["version"]} and incr["version"] > saved["version"]
+    listed = call("GET /keys", {"prefix": "edge-versions/", "values": "1"}).json()
+    assert listed == {"keys": [{"key": key, "version": incr["version"], "expires_at": expires_at, "value": 42}],
+                      "cursor": None}
+    ops = [{"op": "incr", "key": key, "by": -2, "if_version": incr["version"]}, {"op": "get", "key": key},
+           {"op": "delete", "key": key}, {"op": "delete", "key": key}, {"op": "get", "key": key}]
+    results = call("POST /batch", None, {"ops": ops}).json()["results"]
+    assert results[0]["value"] == 40 and results[0]["version"] > incr["version"]
+    assert results[1] == {"key": key, "found": True, "value": 40, "version": results[0]["version"],
+                          "expires_at": expires_at}
+    assert results[2]["deleted"] is True and results[2]["version"] > results[0]["version"]
+    assert results[3:] == [{"key": key, "deleted": False}, {"key": key, "found": False}]
 
 
 def test_a_replayed_nonce_is_401_as_documented(schema: Any, server: ServerProcess) -> None:
@@ -330,7 +395,7 @@ def test_generated_requests_leave_the_server_healthy(
 def test_the_schema_documents_every_operation_of_spec_section_5() -> None:
     expected = {
         "GET /ping", "HEAD /ping", "GET /authorize", "POST /authorize", "POST /save", "GET /get", "DELETE /delete",
-        "POST /delete", "POST /flush", "GET /stats",
+        "POST /delete", "GET /keys", "POST /incr", "POST /batch", "POST /flush", "GET /stats",
     }
     assert set(LABELS) == expected
     for path, item in DOC["paths"].items():
