@@ -326,7 +326,7 @@ class WriteBehindCache:
 
             def lookup(key: str) -> Record | None:
                 record = self._peek(key)
-                if record is not None:
+                if record is not None or key not in need:  # an unconditional save does not look
                     return record
                 return held[key].future.result()
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from kvtornado import codec as _codec
 from kvtornado.codec import (
     MAX_JSON_DEPTH,
     check_key,
@@ -29,6 +30,7 @@ from kvtornado.errors import (
     TooLarge,
     UnsupportedMediaType,
 )
+from kvtornado.ops import MAX_SAFE
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
@@ -373,3 +375,122 @@ def test_key_from_query() -> None:
 def test_a_json_object_that_names_a_member_twice_is_refused(body: bytes) -> None:
     with pytest.raises(BadRequest, match="more than once"):
         parse_save(JSON, body, **LIMITS)
+
+
+# --- the data model's parameters and bodies -------------------------------------------------------
+
+JSON_CT = JSON
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1", 1), ("10", 10), ("0010", 10), ("315360000", 315360000)])
+def test_query_int_takes_plain_digits_within_its_range(text: str, expected: int) -> None:
+    assert _codec.query_int({"ttl": text}, "ttl", 1, 315360000) == expected
+
+
+@pytest.mark.parametrize("text", ["", "0", "-1", "+1", "1.5", "1e3", " 1", "\uff11", "315360001", "9" * 17, "0x10"])
+def test_query_int_refuses_everything_else_with_400(text: str) -> None:
+    with pytest.raises(BadRequest, match="ttl must be an integer from 1 to 315360000"):
+        _codec.query_int({"ttl": text}, "ttl", 1, 315360000)
+
+
+def test_query_int_of_an_absent_parameter_is_none() -> None:
+    assert _codec.query_int({}, "if_version", 0, MAX_SAFE) is None
+    assert _codec.query_int({"if_version": "0"}, "if_version", 0, MAX_SAFE) == 0
+
+
+def test_parse_incr_defaults_by_to_one_and_checks_by_first() -> None:
+    assert _codec.parse_incr(JSON_CT, b'{"key":"n"}', max_key_bytes=8) == ("n", 1)
+    assert _codec.parse_incr(JSON_CT, b'{"key":"n","by":-3}', max_key_bytes=8) == ("n", -3)
+    # by is checked before the key: a bad by with a bad key is the by's error
+    with pytest.raises(BadRequest, match="by must be an integer"):
+        _codec.parse_incr(JSON_CT, b'{"key":"' + b"x" * 20 + b'","by":true}', max_key_bytes=8)
+
+
+@pytest.mark.parametrize("by", ["true", "1.0", "1e2", '"1"', "null", str(MAX_SAFE + 1), str(-MAX_SAFE - 1)])
+def test_parse_incr_refuses_a_by_that_is_not_a_safe_integer(by: str) -> None:
+    with pytest.raises(BadRequest, match="by must be an integer"):
+        _codec.parse_incr(JSON_CT, b'{"key":"n","by":' + by.encode() + b"}", max_key_bytes=8)
+
+
+@pytest.mark.parametrize(("content_type", "body", "error"), [
+    ("application/x-www-form-urlencoded", b"key=n", UnsupportedMediaType),
+    (None, b'{"key":"n"}', UnsupportedMediaType),
+    (JSON_CT, b'{"by":1}', MissingKey),
+    (JSON_CT, b'{"key":"n","step":1}', BadRequest),
+    (JSON_CT, b'["n"]', InvalidJSON),
+])
+def test_parse_incr_refusals(content_type: str | None, body: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        _codec.parse_incr(content_type, body, max_key_bytes=8)
+
+
+def parse_batch(body: Any, **limits: int) -> list[Any]:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    args = {"max_ops": 3, "max_key_bytes": 8, "max_value_bytes": 16, "max_ttl_s": 100} | limits
+    return _codec.parse_batch(JSON_CT, raw, **args)
+
+
+def test_parse_batch_reads_every_kind_of_op() -> None:
+    ops = parse_batch({"ops": [{"op": "get", "key": "a"},
+                               {"op": "save", "key": "a", "value": [1, "é"], "ttl": 5, "if_version": 0},
+                               {"op": "incr", "key": "n", "by": -2, "if_version": 7}]})
+    assert [(o.kind, o.key, o.value, o.ttl, o.if_version, o.by) for o in ops] == [
+        ("get", "a", None, None, None, 1), ("save", "a", '[1,"é"]', 5, 0, 1), ("incr", "n", None, None, 7, -2)]
+    (delete,) = parse_batch({"ops": [{"op": "delete", "key": "d"}]})
+    assert (delete.kind, delete.if_version) == ("delete", None)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"ops":[]}', b'{"ops":{}}', b'{"op":"get","key":"a"}', b'{"ops":[{"op":"get","key":"a"}],"durable":1}',
+    json.dumps({"ops": [{"op": "get", "key": "a"}] * 4}).encode(),
+])
+def test_a_batch_that_is_not_1_to_max_ops_ops_is_400_without_an_index(body: bytes) -> None:
+    with pytest.raises(BadRequest) as err:
+        parse_batch(body)
+    assert "index" not in err.value.extra
+
+
+@pytest.mark.parametrize(("op", "error"), [
+    ({"op": "put", "key": "a"}, BadRequest),
+    ({"key": "a"}, BadRequest),
+    ("get a", BadRequest),
+    ({"op": "get", "key": "a", "if_version": 1}, BadRequest),  # a get takes no condition
+    ({"op": "save", "key": "a"}, MissingValue),
+    ({"op": "save", "value": 1}, MissingKey),
+    ({"op": "save", "key": "", "value": 1}, InvalidKey),
+    ({"op": "save", "key": "a", "value": 1, "ttl": 0}, BadRequest),
+    ({"op": "save", "key": "a", "value": 1, "ttl": 101}, BadRequest),
+    ({"op": "save", "key": "a", "value": 1, "ttl": 5.0}, BadRequest),
+    ({"op": "save", "key": "a", "value": 1, "if_version": -1}, BadRequest),
+    ({"op": "save", "key": "a", "value": 1, "if_version": True}, BadRequest),
+    ({"op": "save", "key": "a", "value": "x" * 20}, TooLarge),
+    ({"op": "save", "key": "k" * 9, "value": 1}, TooLarge),
+    ({"op": "delete", "key": "a", "value": 1}, BadRequest),
+    ({"op": "incr", "key": "a", "by": 1.5}, BadRequest),
+])
+def test_an_invalid_op_fails_the_batch_with_its_index(op: Any, error: type[KVError]) -> None:
+    with pytest.raises(error) as err:
+        parse_batch({"ops": [{"op": "get", "key": "ok"}, op]})
+    assert err.value.extra == {"index": 1}
+
+
+def test_a_batch_is_json_only() -> None:
+    with pytest.raises(UnsupportedMediaType):
+        _codec.parse_batch("application/x-www-form-urlencoded", b"ops=1", max_ops=3, max_key_bytes=8,
+                           max_value_bytes=16, max_ttl_s=100)
+
+
+@pytest.mark.parametrize(("prefix", "key"), [("", "a"), ("app/", "app/ü/😀"), ("a b", "a b&c=d"), ("x", "x")])
+def test_a_cursor_round_trips_for_its_prefix_only(prefix: str, key: str) -> None:
+    cursor = _codec.encode_cursor(prefix, key)
+    assert cursor.isascii() and "=" not in cursor and "/" not in cursor and "+" not in cursor
+    assert _codec.decode_cursor(cursor, prefix) == key
+    with pytest.raises(BadRequest, match="another prefix"):
+        _codec.decode_cursor(cursor, prefix + "z")
+
+
+@pytest.mark.parametrize("cursor", ["", "!!!", "bm90IGpzb24", _codec.encode_cursor("", "a") + "A", "WyJhIl0",
+                                    "WyIiLDFd", "é"])
+def test_a_cursor_the_server_did_not_make_is_400(cursor: str) -> None:
+    with pytest.raises(BadRequest, match="not one this server gave out"):
+        _codec.decode_cursor(cursor, "")

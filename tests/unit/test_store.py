@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from kvtornado import store as store_module
-from kvtornado.errors import StorageError
-from kvtornado.ops import Record
+from kvtornado.errors import NotAnInteger, StorageError, VersionMismatch
+from kvtornado.ops import Op, Record
 from kvtornado.store import MAX_BUSY_TIMEOUT_MS, SCHEMA_VERSION, SqliteStore, ordered_batches
 
 # Captured at import: tests that patch ``sqlite3.connect`` still open their own connections untraced.
@@ -510,3 +510,169 @@ async def test_a_closed_store_says_so_in_its_own_words_and_the_default_is_full_s
     await s.close()
     with pytest.raises(StorageError, match=r"^the store is closed$"):
         await s.read("k")
+
+
+# --- schema 2: migration, versions, ranges, expiry -----------------------------------------------
+
+V1_FILE = Path(__file__).resolve().parent.parent / "data" / "v1.sqlite3"
+
+
+@pytest.mark.gen_test
+async def test_a_v1_database_made_by_the_schema_1_code_is_migrated_in_place(io_loop: Any, tmp_path: Path) -> None:
+    path = tmp_path / "kv.sqlite3"
+    path.write_bytes(V1_FILE.read_bytes())
+    assert query(path, "PRAGMA user_version") == [(1,)]
+    s = SqliteStore(path, clock=lambda: CLOCK)
+    await s.open()
+    try:
+        # every row kept, numbered in key order, no expiry, its updated_at untouched
+        assert query(path, "SELECT key, value, version, expires_at, updated_at FROM kv ORDER BY key") == [
+            ("a", '{"n":[1,2]}', 1, None, 1700000000.5), ("b", '"bee"', 2, None, 1700000000.5),
+            ("z", "42", 3, None, 1700000000.5), ("ключ", '"ü"', 4, None, 1700000000.5)]
+        assert query(path, "PRAGMA user_version") == [(2,)]
+        assert query(path, "SELECT value FROM meta WHERE name = 'version_hwm'") == [(4,)]
+        assert await s.get_record("b") == Record('"bee"', 2)
+        assert await s.put("new", "1") == 5  # above every migrated version
+    finally:
+        await s.close()
+    assert query(path, "PRAGMA integrity_check") == [("ok",)]
+
+
+@pytest.mark.gen_test
+async def test_a_failed_migration_leaves_the_v1_file_as_it_was(
+    io_loop: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "kv.sqlite3"
+    path.write_bytes(V1_FILE.read_bytes())
+    monkeypatch.setattr(store_module, "_MIGRATE_V1", (*store_module._MIGRATE_V1, "SELECT * FROM no_such_table"))
+    s = SqliteStore(path)
+    with pytest.raises(StorageError, match="no such table: no_such_table"):
+        await s.open()
+    await s.close()
+    assert query(path, "PRAGMA user_version") == [(1,)]
+    assert [name for _, name, *_ in query(path, "PRAGMA table_info(kv)")] == ["key", "value", "updated_at"]
+    assert len(query(path, "SELECT * FROM kv")) == 4
+
+
+@pytest.mark.gen_test
+async def test_versions_rise_across_reopen_and_reservations_are_never_handed_out_again(
+    io_loop: Any, db_path: Path
+) -> None:
+    s = SqliteStore(db_path)
+    await s.open()
+    assert await s.put("a", "1") == 1
+    assert await s.reserve_versions(100) == (2, 101)  # reserved and committed, maybe never used
+    await s.close()
+    s = SqliteStore(db_path)
+    await s.open()
+    try:
+        assert await s.put("a", "2") == 102
+        assert await s.reserve_versions(3) == (103, 105)
+        assert await s.put("b", "1") == 106
+    finally:
+        await s.close()
+    assert query(db_path, "SELECT value FROM meta") == [(106,)]
+
+
+@pytest.mark.gen_test
+async def test_the_high_water_mark_is_never_below_a_stored_version(io_loop: Any, db_path: Path) -> None:
+    s = SqliteStore(db_path)
+    await s.open()
+    await s.close()
+    conn = direct(db_path)
+    conn.execute("INSERT INTO kv VALUES ('restored', '1', 500, NULL, 0)")  # e.g. rows from an older backup
+    conn.close()
+    s = SqliteStore(db_path)
+    await s.open()
+    try:
+        assert await s.put("x", "1") == 501
+    finally:
+        await s.close()
+
+
+@pytest.mark.gen_test
+async def test_write_through_apply_checks_conditions_in_its_transaction_and_writes_nothing_on_refusal(
+    store: SqliteStore, db_path: Path
+) -> None:
+    assert await store.put("k", '"a"', if_version=0) == 1
+    with pytest.raises(VersionMismatch) as err:
+        await store.put("k", '"b"', if_version=0)
+    assert err.value.extra == {"current_version": 1}
+    ops = [Op("save", "x", value="1"), Op("incr", "k")]  # k is a string: the batch fails at op 1
+    with pytest.raises(NotAnInteger) as failed:
+        await store.apply(ops, batch=True)
+    assert failed.value.extra == {"index": 1}
+    assert query(db_path, "SELECT key, value, version FROM kv") == [("k", '"a"', 1)]  # x was rolled back
+    outcomes = await store.apply([Op("incr", "n", by=5), Op("get", "n"), Op("delete", "k", if_version=1)],
+                                 batch=True)
+    assert [(o.done, o.record) for o in outcomes] == [
+        (True, Record("5", 3)), (True, Record("5", 3)), (True, Record(None, 4))]  # 2 went to the refused save
+    assert query(db_path, "SELECT key, value, version FROM kv") == [("n", "5", 3)]
+
+
+@pytest.mark.gen_test
+async def test_a_batch_of_gets_reads_one_snapshot_on_the_reader_thread(store: SqliteStore) -> None:
+    await store.put("a", "1")
+    outcomes = await store.apply([Op("get", "a"), Op("get", "b")], batch=True)
+    assert [(o.done, o.record) for o in outcomes] == [(True, Record("1", 1)), (False, None)]
+    assert store.stats()["storage"]["commits"] == 1  # only the put
+
+
+@pytest.mark.gen_test
+async def test_expired_rows_are_absent_and_the_sweep_deletes_them(io_loop: Any, db_path: Path) -> None:
+    now = [1000.0]
+    s = SqliteStore(db_path, clock=lambda: now[0])
+    await s.open()
+    try:
+        await s.put("short", "1", ttl=5)
+        await s.put("long", "2", ttl=50)
+        await s.put("forever", "3")
+        assert (await s.get_record("short")) == Record("1", 1, 1005.0)
+        now[0] = 1005.0
+        assert await s.get_record("short") is None
+        assert [k for k, _ in await s.list_keys("", None, 10)] == ["forever", "long"]
+        assert await s.delete("short") is False
+        assert await s.put("short", "9", if_version=0) == 4  # an expired key is absent for conditions too
+        now[0] = 1100.0
+        assert await s.sweep() == 1  # long; short was overwritten without a ttl
+        assert query(db_path, "SELECT key FROM kv ORDER BY key") == [("forever",), ("short",)]
+        assert s.stats()["storage"]["expired_rows_swept"] == 1
+    finally:
+        await s.close()
+
+
+@pytest.mark.gen_test
+async def test_the_sweep_is_bounded_per_transaction(io_loop: Any, db_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "SWEEP_ROWS", 3)
+    s = SqliteStore(db_path, clock=lambda: 2000.0)
+    await s.open()
+    try:
+        await s.write_rows([(f"k{i}", Record("1", i + 1, 1000.0 + i)) for i in range(10)])
+        assert await s.sweep(rounds=2) == 6  # two transactions of three, the oldest expiry first
+        assert [k for (k,) in query(db_path, "SELECT key FROM kv ORDER BY key")] == ["k6", "k7", "k8", "k9"]
+        assert await s.sweep() == 4
+    finally:
+        await s.close()
+
+
+@pytest.mark.parametrize(("prefix", "end"), [
+    ("", None), ("a", "b"), ("app/", "app0"), ("z\U0010ffff", "{"), ("\U0010ffff", None), ("a\ud7ff", "a\ue000"),
+])
+def test_prefix_end_is_the_least_string_above_the_prefix_range(prefix: str, end: str | None) -> None:
+    assert store_module.prefix_end(prefix) == end
+
+
+@pytest.mark.gen_test
+async def test_range_lists_live_rows_of_a_prefix_in_code_point_order(store: SqliteStore) -> None:
+    keys = ["a", "a/", "a/b", "a/é", "a/😀", "a0", "ab", "b", "a/\U0010ffff", "A"]
+    await store.write_rows([(k, Record("1", n)) for n, k in enumerate(keys, start=1)]
+                           + [("a/x", Record("1", 99, CLOCK))])  # expired at the store's clock
+    every = [k for k, _ in await store.range("", None, 100, CLOCK)]
+    assert every == sorted(keys) == sorted(keys, key=lambda k: k.encode("utf-8"))
+    assert [k for k, _ in await store.range("a/", None, 100, CLOCK)] == ["a/", "a/b", "a/é", "a/😀", "a/\U0010ffff"]
+    assert [k for k, _ in await store.range("a/", "a/b", 2, CLOCK)] == ["a/é", "a/😀"]
+    assert [k for k, _ in await store.range("a/", "0", 1, CLOCK)] == ["a/"]  # a position before the prefix
+    assert [k for k, _ in await store.range("a/", None, 100, CLOCK, serial=True)][:2] == ["a/", "a/b"]
+    rows = await store.range("b", None, 5, CLOCK)
+    assert rows == [("b", Record("1", 8))]
