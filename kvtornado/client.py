@@ -1,8 +1,15 @@
 """A signing client: a Python API (blocking and asyncio) and a command line.
 
     python -m kvtornado.client [--config PATH] [--url URL] [--key-id ID] COMMAND ...
-        ping | authorize | get KEY | save KEY VALUE [--json] [--durable] | delete KEY [--durable]
-        | flush | stats          (VALUE: text; '-' reads stdin, '@path' a file; --json parses it)
+        ping | authorize | get KEY
+        | save KEY VALUE [--json] [--durable] [--ttl S] [--if-version N]
+        | delete KEY [--durable] [--if-version N]
+        | incr KEY [--by N] [--if-version N] [--durable]
+        | keys [--prefix P] [--limit N] [--values] [--all]
+        | batch FILE
+        | flush | stats
+    (VALUE: text; '-' reads stdin, '@path' a file; --json parses it. FILE: JSON, {"ops": [...]} or a bare
+    list of ops; '-' reads stdin. keys --all follows the cursors and prints each page's answer on its own line.)
 
 The command line reads the same config and keys file as the server, so nobody signs by hand.
 
@@ -23,7 +30,7 @@ import select
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +70,26 @@ class KVClientError(Exception):
         self.message = message
         self.headers = dict(headers or {})
         self.doc: dict[str, Any] = dict(doc) if doc is not None else {"error": code, "message": message}
+
+    @property
+    def current_version(self) -> int | None:
+        """A 412 ``version_mismatch``'s ``current_version`` (0: the key is absent); None when not in the body."""
+        return _int_field(self.doc, "current_version")
+
+    @property
+    def index(self) -> int | None:
+        """The position of the op that failed a ``/batch``; None when not in the body (the batch as a whole)."""
+        return _int_field(self.doc, "index")
+
+
+def _int_field(doc: Mapping[str, Any], name: str) -> int | None:
+    value = doc.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class KVProtocolError(Exception):
+    """An answer the protocol rules out, so the client stops rather than guess (a ``/keys`` page whose cursor
+    is the one it was asked for would be paged forever)."""
 
 
 class KVConnectionError(ConnectionError):
@@ -145,6 +172,31 @@ def _durable(durable: bool) -> dict[str, Any]:
     return {"durable": 1} if durable else {}
 
 
+def _integer(name: str, value: Any) -> int:
+    """``value`` if it is an int: a bool or a string would go out as ``True`` or ``"3"``, which no server means."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, not {value!r}")
+    return value
+
+
+def _optional(**params: Any) -> dict[str, Any]:
+    """The query parameters that were given (not None), each an int, in the order named."""
+    return {name: _integer(name, value) for name, value in params.items() if value is not None}
+
+
+def _json_body(doc: Any) -> bytes:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _next_cursor(sent: str | None, page: Mapping[str, Any]) -> str | None:
+    """The cursor of the page after ``page`` (None: it was the last). A server that hands back the cursor it
+    was given would be paged forever: that is refused, not followed."""
+    cursor: str | None = page.get("cursor")
+    if cursor is not None and cursor == sent:
+        raise KVProtocolError(f"/keys answered with the cursor it was asked for ({cursor!r}): it does not advance")
+    return cursor
+
+
 class _ClientCore:
     """What both clients share; subclasses add a transport (``request``) and the endpoint methods on it.
 
@@ -216,17 +268,38 @@ class _ClientCore:
         return _Call("GET", "/authorize")
 
     @staticmethod
-    def _save(key: str, value: Any, durable: bool) -> _Call:
-        body = json.dumps({"key": key, "value": value}, ensure_ascii=False, separators=(",", ":")).encode()
-        return _Call("POST", "/save", _durable(durable), body)
+    def _save(key: str, value: Any, durable: bool, ttl: int | None, if_version: int | None) -> _Call:
+        params = {**_optional(ttl=ttl, if_version=if_version), **_durable(durable)}
+        return _Call("POST", "/save", params, _json_body({"key": key, "value": value}))
 
     @staticmethod
-    def _get(key: str) -> _Call:
-        return _Call("GET", "/get", {"key": key}, pick="value")
+    def _get(key: str, pick: str | None = "value") -> _Call:
+        return _Call("GET", "/get", {"key": key}, pick=pick)
 
     @staticmethod
-    def _delete(key: str, durable: bool) -> _Call:
-        return _Call("DELETE", "/delete", {"key": key, **_durable(durable)})
+    def _delete(key: str, durable: bool, if_version: int | None) -> _Call:
+        return _Call("DELETE", "/delete", {"key": key, **_optional(if_version=if_version), **_durable(durable)})
+
+    @staticmethod
+    def _incr(key: str, by: int, durable: bool, if_version: int | None) -> _Call:
+        params = {**_optional(if_version=if_version), **_durable(durable)}
+        return _Call("POST", "/incr", params, _json_body({"key": key, "by": _integer("by", by)}))
+
+    @staticmethod
+    def _keys(prefix: str | None, limit: int | None, cursor: str | None, values: bool) -> _Call:
+        params: dict[str, Any] = {} if prefix is None else {"prefix": prefix}  # "" is sent: it means all keys
+        params.update(_optional(limit=limit))
+        if cursor is not None:
+            params["cursor"] = cursor
+        if values:
+            params["values"] = 1
+        return _Call("GET", "/keys", params)
+
+    @staticmethod
+    def _batch(ops: Iterable[Mapping[str, Any]], durable: bool) -> _Call:
+        if isinstance(ops, (str, bytes, Mapping)):  # {"ops": [...]} itself, or text: not a sequence of ops
+            raise ValueError(f"ops must be a list of ops, not {type(ops).__name__}")
+        return _Call("POST", "/batch", _durable(durable), _json_body({"ops": list(ops)}), pick="results")
 
     @staticmethod
     def _flush() -> _Call:
@@ -327,17 +400,54 @@ class KVClient(_ClientCore):
         """``GET /authorize``: who the server says this key is."""
         return self._call(self._authorize())
 
-    def save(self, key: str, value: Any, *, durable: bool = False) -> Any:
-        """``POST /save``: any JSON value; ``durable`` waits for the commit."""
-        return self._call(self._save(key, value, durable))
+    def save(self, key: str, value: Any, *, durable: bool = False, ttl: int | None = None,
+             if_version: int | None = None) -> Any:
+        """``POST /save``: any JSON value; ``{"key", "saved": true, "version"}``. ``durable`` waits for the
+        commit, ``ttl`` (seconds) makes the key expire, ``if_version`` saves only over that version (0: only if
+        the key is absent; else 412 ``version_mismatch``, see ``KVClientError.current_version``)."""
+        return self._call(self._save(key, value, durable, ttl, if_version))
 
     def get(self, key: str) -> Any:
         """``GET /get``: the value exactly as saved (``KVClientError`` 404 ``not_found`` when absent)."""
         return self._call(self._get(key))
 
-    def delete(self, key: str, *, durable: bool = False) -> Any:
-        """``DELETE /delete``; ``durable`` waits for the commit."""
-        return self._call(self._delete(key, durable))
+    def get_record(self, key: str) -> Any:
+        """``GET /get``, the whole answer: ``{"key", "value", "version", "expires_at"}``."""
+        return self._call(self._get(key, pick=None))
+
+    def delete(self, key: str, *, durable: bool = False, if_version: int | None = None) -> Any:
+        """``DELETE /delete``: ``{"key", "deleted": true, "version"}``; ``durable`` waits for the commit,
+        ``if_version`` deletes only that version."""
+        return self._call(self._delete(key, durable, if_version))
+
+    def incr(self, key: str, by: int = 1, *, durable: bool = False, if_version: int | None = None) -> Any:
+        """``POST /incr``: ``{"key", "value", "version"}`` (an absent key counts from 0; 409 ``not_an_integer``
+        when the stored value is not an integer)."""
+        return self._call(self._incr(key, by, durable, if_version))
+
+    def keys(self, prefix: str | None = None, limit: int | None = None, cursor: str | None = None,
+             values: bool = False) -> Any:
+        """``GET /keys``, one page: ``{"keys": [{"key", "version", "expires_at"[, "value"]}, ...], "cursor"}``;
+        pass ``cursor`` back for the next page (null: none follows)."""
+        return self._call(self._keys(prefix, limit, cursor, values))
+
+    def iter_keys(self, prefix: str | None = None, values: bool = False,
+                  page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every entry of ``/keys`` under ``prefix``, page after page (one request per ``page_size`` keys, sent
+        as the iteration gets there)."""
+        limit = _integer("page_size", page_size)
+        cursor: str | None = None
+        while True:
+            page = self.keys(prefix, limit, cursor, values)
+            yield from page["keys"]
+            cursor = _next_cursor(cursor, page)
+            if cursor is None:
+                return
+
+    def batch(self, ops: Iterable[Mapping[str, Any]], *, durable: bool = False) -> Any:
+        """``POST /batch``: the list of results, one per op, all applied or none (a failing op raises
+        ``KVClientError`` with its position in ``index``)."""
+        return self._call(self._batch(ops, durable))
 
     def flush(self) -> Any:
         """``POST /flush`` (exercise 4): ``{"flushed": n}`` once everything dirty is committed."""
@@ -401,17 +511,48 @@ class AsyncKVClient(_ClientCore):
         """``GET /authorize``: who the server says this key is."""
         return await self._call(self._authorize())
 
-    async def save(self, key: str, value: Any, *, durable: bool = False) -> Any:
-        """``POST /save``: any JSON value; ``durable`` waits for the commit."""
-        return await self._call(self._save(key, value, durable))
+    async def save(self, key: str, value: Any, *, durable: bool = False, ttl: int | None = None,
+                   if_version: int | None = None) -> Any:
+        """``POST /save``: as ``KVClient.save``."""
+        return await self._call(self._save(key, value, durable, ttl, if_version))
 
     async def get(self, key: str) -> Any:
         """``GET /get``: the value exactly as saved (``KVClientError`` 404 ``not_found`` when absent)."""
         return await self._call(self._get(key))
 
-    async def delete(self, key: str, *, durable: bool = False) -> Any:
-        """``DELETE /delete``; ``durable`` waits for the commit."""
-        return await self._call(self._delete(key, durable))
+    async def get_record(self, key: str) -> Any:
+        """``GET /get``, the whole answer: ``{"key", "value", "version", "expires_at"}``."""
+        return await self._call(self._get(key, pick=None))
+
+    async def delete(self, key: str, *, durable: bool = False, if_version: int | None = None) -> Any:
+        """``DELETE /delete``: as ``KVClient.delete``."""
+        return await self._call(self._delete(key, durable, if_version))
+
+    async def incr(self, key: str, by: int = 1, *, durable: bool = False, if_version: int | None = None) -> Any:
+        """``POST /incr``: as ``KVClient.incr``."""
+        return await self._call(self._incr(key, by, durable, if_version))
+
+    async def keys(self, prefix: str | None = None, limit: int | None = None, cursor: str | None = None,
+                   values: bool = False) -> Any:
+        """``GET /keys``, one page: as ``KVClient.keys``."""
+        return await self._call(self._keys(prefix, limit, cursor, values))
+
+    async def iter_keys(self, prefix: str | None = None, values: bool = False,
+                        page_size: int = 100) -> AsyncIterator[dict[str, Any]]:
+        """Every entry of ``/keys`` under ``prefix`` (``async for``), page after page, as ``KVClient.iter_keys``."""
+        limit = _integer("page_size", page_size)
+        cursor: str | None = None
+        while True:
+            page = await self.keys(prefix, limit, cursor, values)
+            for entry in page["keys"]:
+                yield entry
+            cursor = _next_cursor(cursor, page)
+            if cursor is None:
+                return
+
+    async def batch(self, ops: Iterable[Mapping[str, Any]], *, durable: bool = False) -> Any:
+        """``POST /batch``: as ``KVClient.batch``."""
+        return await self._call(self._batch(ops, durable))
 
     async def flush(self) -> Any:
         """``POST /flush`` (exercise 4): ``{"flushed": n}`` once everything dirty is committed."""
@@ -431,15 +572,31 @@ def _default_config() -> Path:
     return Path(__file__).resolve().parent.parent / "config.yaml"
 
 
+def _natural(text: str) -> int:
+    """An argument that is a base-10 integer >= 0, spelled with digits only (no sign, no ``_``, no spaces),
+    so what is sent is exactly what was typed."""
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"not a decimal integer >= 0: {text!r}")
+    return int(text)
+
+
+def _signed(text: str) -> int:
+    """A base-10 integer, digits with an optional leading ``-``."""
+    digits = text[1:] if text.startswith("-") else text
+    if not (digits.isascii() and digits.isdigit()):
+        raise argparse.ArgumentTypeError(f"not a decimal integer: {text!r}")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m kvtornado.client",
         description="Signed requests to a kvtornado server, with the key from the server's own keys file. "
-                    "Each command prints the server's JSON answer on one line.",
+                    "Each command prints the server's JSON answer on one line (keys --all: one line a page).",
         epilog="VALUE is text as given; '-' reads it from stdin and '@path' from a file (UTF-8, exactly as "
                "read, trailing newline included), which also passes values too long for the command line. "
-               "Exit status: 0 done; 1 the server refused (the error JSON is on stderr) or could not be "
-               "reached; 2 bad usage, config, keys file or VALUE.",
+               "Exit status: 0 done; 1 the server refused (the error JSON is on stderr, e.g. a 412 with its "
+               "current_version) or could not be reached; 2 bad usage, config, keys file, VALUE or FILE.",
     )
     p.add_argument("--config", type=Path, default=_default_config(), metavar="PATH",
                    help="config file: the server's address and keys file (default: %(default)s)")
@@ -452,19 +609,46 @@ def _parser() -> argparse.ArgumentParser:
     def command(name: str, text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=text, description=text)
 
+    def durable(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("--durable", action="store_true", help="answer only once committed to the database")
+
+    def if_version(cmd: argparse.ArgumentParser, what: str) -> None:
+        cmd.add_argument("--if-version", type=_natural, metavar="N",
+                         help=f"{what} only if KEY is at version N (0: only if KEY is absent); "
+                              "else exit 1 with 412 version_mismatch and the current_version")
+
     command("ping", "check that the server answers (unsigned: needs no keys file, nor a config with --url)")
     command("authorize", "check that the server accepts this key; prints its key id")
-    s = command("save", "save KEY = VALUE (a string, or any JSON value with --json)")
+    s = command("save", "save KEY = VALUE (a string, or any JSON value with --json); prints the new version")
     s.add_argument("key", metavar="KEY", help="the key (any non-empty text)")
     s.add_argument("value", metavar="VALUE",
                    help="the value: text as given, '-' to read stdin, '@path' to read a file")
     s.add_argument("--json", action="store_true", help="parse VALUE as JSON (number, list, object, ...)")
-    s.add_argument("--durable", action="store_true", help="answer only once committed to the database")
+    durable(s)
+    s.add_argument("--ttl", type=_natural, metavar="S", help="KEY expires S seconds after the save")
+    if_version(s, "save")
     g = command("get", "print the value of KEY as JSON (exit 1 with 404 not_found when it is absent)")
     g.add_argument("key", metavar="KEY", help="the key")
     d = command("delete", "delete KEY (exit 1 with 404 not_found when it is absent)")
     d.add_argument("key", metavar="KEY", help="the key")
-    d.add_argument("--durable", action="store_true", help="answer only once committed to the database")
+    durable(d)
+    if_version(d, "delete")
+    i = command("incr", "add N to the integer at KEY (an absent KEY counts from 0); prints its new value and version")
+    i.add_argument("key", metavar="KEY", help="the key")
+    i.add_argument("--by", type=_signed, default=1, metavar="N", help="the integer to add, may be negative "
+                                                                       "(default: %(default)s)")
+    if_version(i, "add")
+    durable(i)
+    k = command("keys", "list keys in order, with their versions and expiry: one page, or every page with --all")
+    k.add_argument("--prefix", metavar="P", help="only keys that start with P (default: all keys)")
+    k.add_argument("--limit", type=_natural, metavar="N",
+                   help="at most N keys a page (the server's default: 100)")
+    k.add_argument("--values", action="store_true", help="include each key's value")
+    k.add_argument("--all", action="store_true",
+                   help="follow the cursors to the last page, printing each page's answer on its own line")
+    b = command("batch", "apply the ops of FILE in order, all or nothing; prints the list of results")
+    b.add_argument("file", metavar="FILE",
+                   help='a JSON file holding {"ops": [...]} or a bare list of ops; \'-\' reads stdin')
     command("flush", "commit every pending write now (exercise 4); prints how many")
     command("stats", "print the server's counters (exercise 4)")
     return p
@@ -474,24 +658,53 @@ class _UsageError(Exception):
     """A problem with the command line's own input: exit 2 with this one line."""
 
 
-def _read_value(arg: str) -> str:
-    """VALUE as given, or the text of stdin (``-``) or of a file (``@path``), exactly as read."""
-    if arg == "-":
-        where, data = "stdin", sys.stdin.buffer.read()
-    elif arg.startswith("@"):
-        where = arg[1:]
-        if not where:
-            raise _UsageError("'@' needs a file name: @path")
-        try:
-            data = Path(where).read_bytes()
-        except OSError as exc:
-            raise _UsageError(f"cannot read {where}: {exc.strerror or exc}") from None
-    else:
-        return arg
+class _StdoutClosed(Exception):
+    """The reader of stdout went away (``... | head -c1``)."""
+
+
+def _read_input(path: str | None) -> tuple[str, bytes]:
+    """The bytes of a file, or of stdin when ``path`` is None, with the name a message gives them."""
+    if path is None:
+        return "stdin", sys.stdin.buffer.read()
+    try:
+        return path, Path(path).read_bytes()
+    except OSError as exc:
+        raise _UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _text(what: str, where: str, data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise _UsageError(f"VALUE from {where} is not UTF-8 text") from None
+        raise _UsageError(f"{what} from {where} is not UTF-8 text") from None
+
+
+def _read_value(arg: str) -> str:
+    """VALUE as given, or the text of stdin (``-``) or of a file (``@path``), exactly as read."""
+    if arg == "-":
+        where, data = _read_input(None)
+    elif arg.startswith("@"):
+        if arg == "@":
+            raise _UsageError("'@' needs a file name: @path")
+        where, data = _read_input(arg[1:])
+    else:
+        return arg
+    return _text("VALUE", where, data)
+
+
+def _read_ops(arg: str) -> list[Any]:
+    """The ops of a batch FILE (``-``: stdin): ``{"ops": [...]}`` or a bare list. What each op holds is the
+    server's to judge."""
+    where, data = _read_input(None if arg == "-" else arg)
+    try:
+        doc = json.loads(_text("FILE", where, data))
+    except ValueError as exc:
+        raise _UsageError(f"FILE {where} is not JSON ({exc})") from None
+    if isinstance(doc, dict) and set(doc) == {"ops"}:
+        doc = doc["ops"]
+    if not isinstance(doc, list):
+        raise _UsageError(f'FILE {where} must hold {{"ops": [...]}} or a list of ops')
+    return doc
 
 
 def _server_url(host: str, port: int) -> str:
@@ -512,6 +725,39 @@ def _stdout_to_devnull() -> None:
     os.close(devnull)
 
 
+def _emit(out: Any) -> None:
+    """One answer, one line, flushed at once (so ``keys --all`` shows each page as it arrives)."""
+    try:
+        print(json.dumps(out, ensure_ascii=False))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise _StdoutClosed from None
+
+
+def _answers(client: KVClient, args: argparse.Namespace, value: Any) -> Iterator[Any]:
+    """What the command prints: one answer, or one a page for ``keys --all``."""
+    if args.command == "save":
+        yield client.save(args.key, value, durable=args.durable, ttl=args.ttl, if_version=args.if_version)
+    elif args.command == "get":
+        yield client.get(args.key)
+    elif args.command == "delete":
+        yield client.delete(args.key, durable=args.durable, if_version=args.if_version)
+    elif args.command == "incr":
+        yield client.incr(args.key, args.by, durable=args.durable, if_version=args.if_version)
+    elif args.command == "batch":
+        yield client.batch(value)
+    elif args.command == "keys":
+        cursor: str | None = None
+        while True:
+            page = client.keys(args.prefix, args.limit, cursor, args.values)
+            yield page
+            cursor = _next_cursor(cursor, page) if args.all else None
+            if cursor is None:
+                return
+    else:
+        yield getattr(client, args.command)()
+
+
 def cli(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status."""
     from kvtornado.auth import load_keys
@@ -529,6 +775,8 @@ def cli(argv: list[str] | None = None) -> int:
                     value = json.loads(value)
                 except ValueError as exc:
                     raise _UsageError(f"VALUE is not JSON ({exc})") from None
+        elif args.command == "batch":
+            value = _read_ops(args.file)
         url: str | None = args.url
         if args.command != "ping" or url is None:  # ping is unsigned: it needs no keys file
             cfg = load_config(args.config)
@@ -549,31 +797,21 @@ def cli(argv: list[str] | None = None) -> int:
 
     try:
         with client:
-            if args.command == "save":
-                out = client.save(args.key, value, durable=args.durable)
-            elif args.command == "get":
-                out = client.get(args.key)
-            elif args.command == "delete":
-                out = client.delete(args.key, durable=args.durable)
-            else:
-                out = getattr(client, args.command)()
+            for out in _answers(client, args, value):
+                _emit(out)
+    except _StdoutClosed:  # the reader went away: stop quietly
+        _stdout_to_devnull()
+        return EXIT_FAILED
     except KVClientError as exc:
-        # The server's own answer, as it sent it: status, then its JSON error body.
+        # The server's own answer, as it sent it: status, then its JSON error body (current_version, index...).
         print(f"error: {exc.status} {json.dumps(exc.doc, ensure_ascii=False)}", file=sys.stderr)
         return EXIT_FAILED
-    except KVConnectionError as exc:
+    except (KVConnectionError, KVProtocolError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except (OSError, http.client.HTTPException) as exc:
         reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
         print(f"error: request to {client.base_url} failed: {reason}", file=sys.stderr)
-        return EXIT_FAILED
-
-    try:
-        print(json.dumps(out, ensure_ascii=False))
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader went away (`... | head -c1`): stop quietly
-        _stdout_to_devnull()
         return EXIT_FAILED
     return EXIT_OK
 

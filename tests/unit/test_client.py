@@ -4,6 +4,8 @@ refuses from its Content-Length is reported as the server's 413, not as a broken
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import json
 import re
 import socket
@@ -18,7 +20,15 @@ from urllib.parse import urlsplit
 import pytest
 
 from kvtornado.auth import Authenticator, parse_authorization
-from kvtornado.client import AsyncKVClient, KVClient, KVClientError, KVConnectionError, Signer, encode_query
+from kvtornado.client import (
+    AsyncKVClient,
+    KVClient,
+    KVClientError,
+    KVConnectionError,
+    KVProtocolError,
+    Signer,
+    encode_query,
+)
 from kvtornado.codec import query_fields
 from kvtornado.errors import AuthError
 from tests.conftest import TEST_KEY_ID, TEST_SECRET, write_config, write_keys
@@ -160,8 +170,8 @@ class _RecordingHandler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def recorder() -> Iterator[Recorder]:
+def running_recorder() -> Iterator[Recorder]:
+    """A ``Recorder`` serving on its own thread until the generator is closed (the body of a fixture)."""
     server = Recorder()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -173,21 +183,31 @@ def recorder() -> Iterator[Recorder]:
         thread.join(timeout=5)
 
 
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    yield from running_recorder()
+
+
 Call = Callable[..., Any]
 
 
 @pytest.fixture(params=["KVClient", "AsyncKVClient"])
 def call(request: pytest.FixtureRequest, io_loop: Any) -> Call:
     """``call(base_url, signer, "get", "k")``: one client method on a fresh client of either kind, run to its
-    end (the async one on the test's loop): every rule below holds for both."""
+    end (the async one on the test's loop): every rule below holds for both. A generator (``iter_keys``) is
+    run to its end too, into a list."""
 
     def run(base_url: str, signer: Signer | None, method: str, *args: Any, **kwargs: Any) -> Any:
         if request.param == "KVClient":
             with KVClient(base_url, signer, timeout_s=5) as client:
-                return getattr(client, method)(*args, **kwargs)
+                result = getattr(client, method)(*args, **kwargs)
+                return list(result) if inspect.isgenerator(result) else result
 
         async def go() -> Any:
-            return await getattr(AsyncKVClient(base_url, signer, timeout_s=5), method)(*args, **kwargs)
+            result = getattr(AsyncKVClient(base_url, signer, timeout_s=5), method)(*args, **kwargs)
+            if inspect.isasyncgen(result):
+                return [entry async for entry in result]
+            return await result
 
         return io_loop.run_sync(go, timeout=10)
 
@@ -304,6 +324,223 @@ def test_a_connection_refused_names_the_url(call: Call) -> None:
             call(url, None, "ping")
     assert str(info.value) == f"cannot connect to {url}: Connection refused"
     assert isinstance(info.value, OSError)
+
+
+# --- SPEC §5's data model: versions, conditions, expiry, listing, incr, batch ---------------------
+
+RECORD = {"key": "k", "value": "v", "version": 7, "expires_at": None}
+PAGE = {"keys": [{"key": "a", "version": 1, "expires_at": None}], "cursor": "c1"}
+OPS = [{"op": "save", "key": "a", "value": 1, "ttl": 5, "if_version": 0}, {"op": "incr", "key": "a", "by": 2},
+       {"op": "get", "key": "a"}, {"op": "delete", "key": "a", "if_version": 2}]
+RESULTS = [{"key": "a", "version": 1}, {"key": "a", "value": 3, "version": 2},
+           {"key": "a", "found": True, "value": 3, "version": 2, "expires_at": None},
+           {"key": "a", "deleted": True, "version": 3}]
+SAVED = {"key": "k", "saved": True, "version": 7}
+DELETED = {"key": "k", "deleted": True, "version": 8}
+COUNTED = {"key": "n", "value": -4, "version": 2}
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "kwargs", "answer", "returned", "http_method", "target", "body"),
+    [
+        pytest.param("save", ("k", "v"), {}, SAVED, SAVED, "POST", "/save", {"key": "k", "value": "v"},
+                     id="save-returns-the-whole-answer"),
+        pytest.param("save", ("k", [1]), {"ttl": 60, "if_version": 0, "durable": True}, SAVED, SAVED, "POST",
+                     "/save?ttl=60&if_version=0&durable=1", {"key": "k", "value": [1]}, id="save-ttl-create-durable"),
+        pytest.param("save", ("k", "v"), {"if_version": 12}, SAVED, SAVED, "POST", "/save?if_version=12",
+                     {"key": "k", "value": "v"}, id="save-if-version"),
+        pytest.param("get", ("k",), {}, RECORD, "v", "GET", "/get?key=k", None, id="get-is-still-the-value"),
+        pytest.param("get_record", ("a b",), {}, RECORD, RECORD, "GET", "/get?key=a%20b", None,
+                     id="get-record-is-the-whole-answer"),
+        pytest.param("delete", ("k",), {"if_version": 3}, DELETED, DELETED, "DELETE", "/delete?key=k&if_version=3",
+                     None, id="delete-if-version"),
+        pytest.param("delete", ("k",), {"if_version": 0, "durable": True}, DELETED, DELETED, "DELETE",
+                     "/delete?key=k&if_version=0&durable=1", None, id="delete-if-version-0-durable"),
+        pytest.param("incr", ("n",), {}, COUNTED, COUNTED, "POST", "/incr", {"key": "n", "by": 1}, id="incr-by-1"),
+        pytest.param("incr", ("n", -5), {"if_version": 2, "durable": True}, COUNTED, COUNTED, "POST",
+                     "/incr?if_version=2&durable=1", {"key": "n", "by": -5}, id="incr-by-if-version-durable"),
+        pytest.param("keys", (), {}, PAGE, PAGE, "GET", "/keys", None, id="keys-nothing-given-nothing-sent"),
+        pytest.param("keys", ("a b/",), {"limit": 10, "cursor": "c+1/=", "values": True}, PAGE, PAGE, "GET",
+                     "/keys?prefix=a%20b%2F&limit=10&cursor=c%2B1%2F%3D&values=1", None, id="keys-everything"),
+        pytest.param("keys", ("",), {"values": False}, PAGE, PAGE, "GET", "/keys?prefix=", None,
+                     id="keys-empty-prefix-is-sent-values-0-is-not"),
+        pytest.param("batch", (OPS,), {}, {"results": RESULTS}, RESULTS, "POST", "/batch", {"ops": OPS},
+                     id="batch-returns-the-results"),
+        pytest.param("batch", (tuple(OPS),), {"durable": True}, {"results": RESULTS}, RESULTS, "POST",
+                     "/batch?durable=1", {"ops": OPS}, id="batch-of-a-tuple-durable"),
+    ],
+)
+def test_each_endpoint_sends_its_method_path_query_and_body_signed(
+    call: Call, recorder: Recorder, fixed_signer: Signer, auth: Authenticator, method: str, args: tuple[Any, ...],
+    kwargs: dict[str, Any], answer: Any, returned: Any, http_method: str, target: str, body: Any,
+) -> None:
+    recorder.answers.append(Answer(200, answer))
+
+    assert call(recorder.url, fixed_signer, method, *args, **kwargs) == returned
+
+    (seen,) = recorder.seen
+    assert (seen.method, seen.target) == (http_method, target)
+    if body is None:
+        assert seen.body == b""
+    else:
+        assert json.loads(seen.body) == body
+        assert seen.headers["Content-Type"] == "application/json"
+    assert verify_seen(auth, seen) == TEST_KEY_ID
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "kwargs", "status", "doc", "current_version", "index"),
+    [
+        pytest.param("save", ("k", "v"), {"if_version": 2}, 412,
+                     {"error": "version_mismatch", "message": "The key is at version 5.", "current_version": 5},
+                     5, None, id="save-412-current-version"),
+        pytest.param("delete", ("k",), {"if_version": 1}, 412,
+                     {"error": "version_mismatch", "message": "The key does not exist.", "current_version": 0},
+                     0, None, id="delete-412-absent-is-version-0"),
+        pytest.param("incr", ("k",), {}, 409, {"error": "not_an_integer", "message": "The value is not one."},
+                     None, None, id="incr-409"),
+        pytest.param("batch", (OPS,), {}, 412,
+                     {"error": "version_mismatch", "message": "Op 0 failed.", "current_version": 3, "index": 0},
+                     3, 0, id="batch-412-at-index-0"),
+        pytest.param("batch", (OPS,), {}, 409, {"error": "not_an_integer", "message": "Op 1 failed.", "index": 1},
+                     None, 1, id="batch-409-at-index-1"),
+        pytest.param("batch", ([],), {}, 400, {"error": "bad_request", "message": "A batch needs ops."},
+                     None, None, id="batch-as-a-whole-has-no-index"),
+        pytest.param("keys", (), {"cursor": "zz"}, 400, {"error": "bad_request", "message": "Bad cursor."},
+                     None, None, id="keys-400"),
+    ],
+)
+def test_an_error_body_maps_to_current_version_and_index(
+    call: Call, recorder: Recorder, fixed_signer: Signer, method: str, args: tuple[Any, ...],
+    kwargs: dict[str, Any], status: int, doc: dict[str, Any], current_version: int | None, index: int | None,
+) -> None:
+    recorder.answers.append(Answer(status, doc))
+
+    with pytest.raises(KVClientError) as info:
+        call(recorder.url, fixed_signer, method, *args, **kwargs)
+    err = info.value
+    assert (err.status, err.code, err.message, err.doc) == (status, doc["error"], doc["message"], doc)
+    assert (err.current_version, err.index) == (current_version, index)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        pytest.param(None, id="no-body"),
+        pytest.param({"error": "x", "message": "m", "current_version": True, "index": False}, id="bools"),
+        pytest.param({"error": "x", "message": "m", "current_version": "3", "index": 1.0}, id="not-integers"),
+    ],
+)
+def test_current_version_and_index_are_none_unless_integers(doc: dict[str, Any] | None) -> None:
+    err = KVClientError(500, "x", "m", doc=doc)
+    assert (err.current_version, err.index) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "kwargs", "message"),
+    [
+        pytest.param("save", ("k", "v"), {"if_version": True}, "if_version must be an integer, not True",
+                     id="save-bool-if-version"),
+        pytest.param("save", ("k", "v"), {"ttl": "60"}, "ttl must be an integer, not '60'", id="save-str-ttl"),
+        pytest.param("save", ("k", "v"), {"ttl": 1.5}, "ttl must be an integer, not 1.5", id="save-float-ttl"),
+        pytest.param("delete", ("k",), {"if_version": "3"}, "if_version must be an integer",
+                     id="delete-str-if-version"),
+        pytest.param("incr", ("k",), {"by": True}, "by must be an integer, not True", id="incr-bool-by"),
+        pytest.param("incr", ("k", 2.0), {}, "by must be an integer, not 2.0", id="incr-float-by"),
+        pytest.param("incr", ("k",), {"if_version": False}, "if_version must be an integer",
+                     id="incr-bool-if-version"),
+        pytest.param("keys", (), {"limit": True}, "limit must be an integer, not True", id="keys-bool-limit"),
+        pytest.param("iter_keys", (), {"page_size": "10"}, "page_size must be an integer, not '10'",
+                     id="iter-keys-str-size"),
+        pytest.param("batch", ({"ops": OPS},), {}, "ops must be a list of ops, not dict", id="batch-the-whole-body"),
+        pytest.param("batch", ('[{"op": "get"}]',), {}, "ops must be a list of ops, not str", id="batch-text"),
+    ],
+)
+def test_an_obviously_bad_argument_is_refused_before_anything_is_sent(
+    call: Call, recorder: Recorder, fixed_signer: Signer, method: str, args: tuple[Any, ...],
+    kwargs: dict[str, Any], message: str,
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call(recorder.url, fixed_signer, method, *args, **kwargs)
+    assert recorder.seen == []
+
+
+def entries(*names: str) -> list[dict[str, Any]]:
+    return [{"key": name, "version": i + 1, "expires_at": None, "value": name.upper()} for i, name in
+            enumerate(names)]
+
+
+@pytest.fixture
+def counting_signer() -> Signer:
+    """The fixed clock with a new nonce for every request: ``auth`` verifies a whole paging."""
+    numbers = itertools.count()
+    return Signer(TEST_KEY_ID, TEST_SECRET, clock=lambda: NOW, nonce=lambda: f"nonce-{next(numbers):016d}")
+
+
+def test_iter_keys_follows_the_cursors_to_the_end(call: Call, recorder: Recorder, counting_signer: Signer,
+                                                  auth: Authenticator) -> None:
+    recorder.answers += [Answer(200, {"keys": entries("a", "b"), "cursor": "after b"}),
+                         Answer(200, {"keys": entries("c", "d"), "cursor": "after+d"}),
+                         Answer(200, {"keys": entries("e"), "cursor": None})]
+
+    got = call(recorder.url, counting_signer, "iter_keys", "p/", values=True, page_size=2)
+
+    assert got == entries("a", "b") + entries("c", "d") + entries("e")
+    assert [seen.target for seen in recorder.seen] == [
+        "/keys?prefix=p%2F&limit=2&values=1",
+        "/keys?prefix=p%2F&limit=2&cursor=after%20b&values=1",
+        "/keys?prefix=p%2F&limit=2&cursor=after%2Bd&values=1",
+    ]
+    assert [verify_seen(auth, seen) for seen in recorder.seen] == [TEST_KEY_ID] * 3
+
+
+def test_iter_keys_defaults_to_pages_of_100_without_values(call: Call, recorder: Recorder,
+                                                           fixed_signer: Signer) -> None:
+    recorder.answers.append(Answer(200, {"keys": [], "cursor": None}))
+
+    assert call(recorder.url, fixed_signer, "iter_keys") == []
+    assert [seen.target for seen in recorder.seen] == ["/keys?limit=100"]
+
+
+def test_iter_keys_refuses_a_cursor_that_does_not_advance(call: Call, recorder: Recorder,
+                                                          counting_signer: Signer) -> None:
+    recorder.answers += [Answer(200, {"keys": entries("a"), "cursor": "c1"}),
+                         Answer(200, {"keys": entries("a"), "cursor": "c1"}),
+                         Answer(200, {"keys": [], "cursor": None})]
+
+    with pytest.raises(KVProtocolError, match=re.escape("the cursor it was asked for ('c1')")):
+        call(recorder.url, counting_signer, "iter_keys")
+    assert len(recorder.seen) == 2  # stopped there, not paged on
+
+
+def test_iter_keys_stops_at_an_error_page(call: Call, recorder: Recorder, counting_signer: Signer) -> None:
+    recorder.answers += [Answer(200, {"keys": entries("a"), "cursor": "c1"}),
+                         Answer(400, {"error": "bad_request", "message": "Bad cursor."}),
+                         Answer(200, {"keys": [], "cursor": None})]
+
+    with pytest.raises(KVClientError) as info:
+        call(recorder.url, counting_signer, "iter_keys")
+    assert (info.value.status, info.value.code) == (400, "bad_request")
+    assert len(recorder.seen) == 2
+
+
+def test_iter_keys_is_a_generator_in_both_clients() -> None:
+    assert inspect.isgeneratorfunction(KVClient.iter_keys)
+    assert inspect.isasyncgenfunction(AsyncKVClient.iter_keys)
+
+
+def test_kvclient_iter_keys_asks_for_a_page_only_when_the_iteration_gets_there(
+    recorder: Recorder, counting_signer: Signer
+) -> None:
+    recorder.answers += [Answer(200, {"keys": entries("a", "b"), "cursor": "c1"}),
+                         Answer(200, {"keys": entries("c"), "cursor": None})]
+    with KVClient(recorder.url, counting_signer, timeout_s=5) as client:
+        listing = client.iter_keys(page_size=2)
+        assert recorder.seen == []
+        assert [next(listing)["key"], next(listing)["key"]] == ["a", "b"]
+        assert len(recorder.seen) == 1
+        assert [e["key"] for e in listing] == ["c"]
+    assert len(recorder.seen) == 2
 
 
 # --- KVClient: one keep-alive connection, and a request is sent at most once ---------------------

@@ -1,6 +1,8 @@
 """``python -m kvtornado.client``: ``cli([...])`` against a real exercise 4, and the process itself for a closed
 stdout pipe. VALUE from stdin (``-``) or a file (``@path``), errors that name the URL, ``ping`` with no keys
-file, a 413 reported as the server's JSON, and ``--help`` that describes every command."""
+file, a 413 reported as the server's JSON, and ``--help`` that describes every command. The commands of SPEC
+§5's data model (versions, ``--if-version``, ``--ttl``, ``incr``, ``keys``, ``batch``) run against the recording
+HTTP server of test_client.py: what each sends, signed, and how each answer and error is printed."""
 
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from kvtornado.auth import Authenticator
 from kvtornado.client import KVClient, Signer, cli
 from tests.conftest import TEST_KEY_ID, TEST_SECRET, write_config, write_keys
 from tests.e2e.helpers import PROCESS_TIMEOUT_S, ROOT, ServerProcess
-from tests.unit.test_client import access_log_of, requests_in
+from tests.unit.test_client import Answer, Recorder, access_log_of, requests_in, running_recorder, verify_seen
 
 MAX_BODY = 1 << 20
 ARGV_ARG_LIMIT = 128 * 1024  # Linux's MAX_ARG_STRLEN: no single argument can be longer
@@ -201,7 +204,7 @@ def undocumented(help_text: str) -> list[str]:
     return missing
 
 
-COMMANDS = ["ping", "authorize", "save", "get", "delete", "flush", "stats"]
+COMMANDS = ["ping", "authorize", "save", "get", "delete", "incr", "keys", "batch", "flush", "stats"]
 
 
 def test_help_describes_every_command_and_argument(capsys: pytest.CaptureFixture[str]) -> None:
@@ -237,3 +240,223 @@ def test_a_closed_stdout_pipe_ends_quietly(config: Path, exercise4: ServerProces
     finally:
         os.close(write_end)
     assert (proc.returncode, proc.stderr) == (1, "")
+
+
+# --- the data model's commands, against the recording server -------------------------------------
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    yield from running_recorder()
+
+
+@pytest.fixture
+def fake_config(tmp_path: Path, recorder: Recorder) -> Path:
+    """A client config whose server is the recorder, with the test key."""
+    write_keys(tmp_path / "keys" / "kv.keys", [f"{TEST_KEY_ID} {TEST_SECRET.decode()}"])
+    return write_config(tmp_path, {"server": {"port": recorder.server_address[1]}}, name="fake.yaml")
+
+
+def sent(recorder: Recorder) -> list[tuple[str, str, object]]:
+    """``(method, target, decoded JSON body or None)`` of each request, each checked to be signed by the key."""
+    auth = Authenticator({TEST_KEY_ID: TEST_SECRET})
+    assert [verify_seen(auth, seen) for seen in recorder.seen] == [TEST_KEY_ID] * len(recorder.seen)
+    return [(seen.method, seen.target, json.loads(seen.body) if seen.body else None) for seen in recorder.seen]
+
+
+def lines(*docs: object) -> str:
+    return "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs)
+
+
+SAVED = {"key": "k", "saved": True, "version": 4}
+DELETED = {"key": "k", "deleted": True, "version": 5}
+COUNTED = {"key": "n", "value": 7, "version": 9}
+PAGE_1 = {"keys": [{"key": "p1", "version": 1, "expires_at": None}, {"key": "p2", "version": 2,
+                                                                     "expires_at": 1700000000}], "cursor": "c 1"}
+PAGE_2 = {"keys": [{"key": "p3", "version": 3, "expires_at": None}], "cursor": None}
+OPS = [{"op": "save", "key": "a", "value": "é", "ttl": 5}, {"op": "incr", "key": "n", "by": -2},
+       {"op": "delete", "key": "b", "if_version": 3}, {"op": "get", "key": "a"}]
+RESULTS = [{"key": "a", "version": 10}, {"key": "n", "value": 5, "version": 11}, {"key": "b", "deleted": False},
+           {"key": "a", "found": True, "value": "é", "version": 10, "expires_at": 1700000005}]
+
+
+@pytest.mark.parametrize(
+    ("args", "answers", "requests", "printed"),
+    [
+        pytest.param(["save", "k", "v", "--ttl", "60", "--if-version", "0"], [SAVED],
+                     [("POST", "/save?ttl=60&if_version=0", {"key": "k", "value": "v"})], [SAVED],
+                     id="save-ttl-create-only"),
+        pytest.param(["save", "k", "[1]", "--json", "--durable", "--if-version", "9"], [SAVED],
+                     [("POST", "/save?if_version=9&durable=1", {"key": "k", "value": [1]})], [SAVED],
+                     id="save-json-durable-if-version"),
+        pytest.param(["save", "k", "v"], [SAVED], [("POST", "/save", {"key": "k", "value": "v"})], [SAVED],
+                     id="save-nothing-else-sent"),
+        pytest.param(["delete", "k", "--if-version", "3", "--durable"], [DELETED],
+                     [("DELETE", "/delete?key=k&if_version=3&durable=1", None)], [DELETED], id="delete-if-version"),
+        pytest.param(["incr", "n"], [COUNTED], [("POST", "/incr", {"key": "n", "by": 1})], [COUNTED],
+                     id="incr-by-1"),
+        pytest.param(["incr", "n", "--by", "-3", "--if-version", "4", "--durable"], [COUNTED],
+                     [("POST", "/incr?if_version=4&durable=1", {"key": "n", "by": -3})], [COUNTED],
+                     id="incr-negative-if-version-durable"),
+        pytest.param(["keys"], [PAGE_1], [("GET", "/keys", None)], [PAGE_1], id="keys-one-page-only"),
+        pytest.param(["keys", "--prefix", "a b/", "--limit", "5", "--values"], [PAGE_2],
+                     [("GET", "/keys?prefix=a%20b%2F&limit=5&values=1", None)], [PAGE_2], id="keys-everything"),
+        pytest.param(["keys", "--all", "--prefix", "p", "--limit", "2"], [PAGE_1, PAGE_2],
+                     [("GET", "/keys?prefix=p&limit=2", None), ("GET", "/keys?prefix=p&limit=2&cursor=c%201", None)],
+                     [PAGE_1, PAGE_2], id="keys-all-a-line-a-page"),
+        pytest.param(["keys", "--all"], [PAGE_2], [("GET", "/keys", None)], [PAGE_2], id="keys-all-one-page"),
+    ],
+)
+def test_each_command_sends_its_request_signed_and_prints_the_answer(
+    fake_config: Path, recorder: Recorder, capsys: pytest.CaptureFixture[str], args: list[str],
+    answers: list[object], requests: list[tuple[str, str, object]], printed: list[object],
+) -> None:
+    recorder.answers += [Answer(200, doc) for doc in answers]
+
+    assert run(fake_config, *args) == 0
+
+    assert capsys.readouterr() == (lines(*printed), "")
+    assert sent(recorder) == requests
+
+
+@pytest.mark.parametrize(
+    "content",
+    [pytest.param({"ops": OPS}, id="ops-object"), pytest.param(OPS, id="bare-list")],
+)
+@pytest.mark.parametrize("source", ["file", "stdin"])
+def test_batch_sends_the_ops_of_file_or_stdin_and_prints_the_results(
+    fake_config: Path, recorder: Recorder, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, content: object, source: str,
+) -> None:
+    text = json.dumps(content, ensure_ascii=False)
+    if source == "stdin":
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+        arg = "-"
+    else:
+        (tmp_path / "ops.json").write_text(text, encoding="utf-8")
+        arg = str(tmp_path / "ops.json")
+    recorder.answers.append(Answer(200, {"results": RESULTS}))
+
+    assert run(fake_config, "batch", arg) == 0
+
+    assert capsys.readouterr() == (lines(RESULTS), "")
+    assert sent(recorder) == [("POST", "/batch", {"ops": OPS})]
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "doc"),
+    [
+        pytest.param(["save", "k", "v", "--if-version", "2"], 412,
+                     {"error": "version_mismatch", "message": "The key is at version 5.", "current_version": 5},
+                     id="save-412"),
+        pytest.param(["delete", "k", "--if-version", "1"], 412,
+                     {"error": "version_mismatch", "message": "The key does not exist.", "current_version": 0},
+                     id="delete-412-absent"),
+        pytest.param(["incr", "k"], 409, {"error": "not_an_integer", "message": "The value is not an integer."},
+                     id="incr-409"),
+        pytest.param(["keys", "--limit", "0"], 400, {"error": "bad_request", "message": "limit is 1 to 1000."},
+                     id="keys-400"),
+    ],
+)
+def test_a_refusal_prints_the_whole_error_body_and_exits_1(
+    fake_config: Path, recorder: Recorder, capsys: pytest.CaptureFixture[str], args: list[str], status: int,
+    doc: dict[str, object],
+) -> None:
+    recorder.answers.append(Answer(status, doc))
+
+    assert run(fake_config, *args) == 1
+
+    assert capsys.readouterr() == ("", f"error: {status} {json.dumps(doc)}\n")
+    assert len(sent(recorder)) == 1
+
+
+def test_a_failed_batch_prints_the_index_of_its_op(fake_config: Path, recorder: Recorder, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "ops.json").write_text(json.dumps(OPS), encoding="utf-8")
+    doc = {"error": "version_mismatch", "message": "Op 2 failed.", "current_version": 4, "index": 2}
+    recorder.answers.append(Answer(412, doc))
+
+    assert run(fake_config, "batch", str(tmp_path / "ops.json")) == 1
+
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert json.loads(err.removeprefix("error: 412 ")) == doc
+
+
+def test_keys_all_prints_the_pages_before_an_error_then_exits_1(
+    fake_config: Path, recorder: Recorder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = {"error": "bad_request", "message": "The cursor is not one."}
+    recorder.answers += [Answer(200, PAGE_1), Answer(400, doc), Answer(200, PAGE_2)]
+
+    assert run(fake_config, "keys", "--all") == 1
+
+    assert capsys.readouterr() == (lines(PAGE_1), f"error: 400 {json.dumps(doc)}\n")
+    assert len(sent(recorder)) == 2
+
+
+def test_keys_all_stops_at_a_cursor_that_does_not_advance(
+    fake_config: Path, recorder: Recorder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recorder.answers += [Answer(200, PAGE_1), Answer(200, PAGE_1), Answer(200, PAGE_2)]
+
+    assert run(fake_config, "keys", "--all") == 1
+
+    assert capsys.readouterr() == (
+        lines(PAGE_1, PAGE_1),
+        "error: /keys answered with the cursor it was asked for ('c 1'): it does not advance\n")
+    assert len(sent(recorder)) == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param(None, "cannot read {path}: No such file or directory", id="missing"),
+        pytest.param(b"[{nope", "FILE {path} is not JSON (", id="not-json"),
+        pytest.param(b"\xff[]", "FILE from {path} is not UTF-8 text", id="not-utf8"),
+        pytest.param(b'{"ops": [], "durable": true}', 'FILE {path} must hold {{"ops": [...]}} or a list of ops',
+                     id="more-than-ops"),
+        pytest.param(b'{"ops": {"op": "get"}}', 'FILE {path} must hold {{"ops": [...]}} or a list of ops',
+                     id="ops-not-a-list"),
+        pytest.param(b'"get"', 'FILE {path} must hold {{"ops": [...]}} or a list of ops', id="a-string"),
+    ],
+)
+def test_a_batch_file_that_is_not_ops_is_a_usage_error(
+    fake_config: Path, recorder: Recorder, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    content: bytes | None, message: str,
+) -> None:
+    path = tmp_path / "ops.json"
+    if content is not None:
+        path.write_bytes(content)
+
+    assert run(fake_config, "batch", str(path)) == 2
+
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: " + message.format(path=path)), err
+    assert recorder.seen == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["save", "k", "v", "--if-version", "-1"], "argument --if-version: not a decimal integer >= 0",
+                     id="negative-version"),
+        pytest.param(["delete", "k", "--if-version", "1_0"], "argument --if-version: not a decimal integer >= 0",
+                     id="underscore"),
+        pytest.param(["save", "k", "v", "--ttl", "1.5"], "argument --ttl: not a decimal integer >= 0",
+                     id="fraction-ttl"),
+        pytest.param(["keys", "--limit", " 5"], "argument --limit: not a decimal integer >= 0", id="space"),
+        pytest.param(["keys", "--limit", "٣"], "argument --limit: not a decimal integer >= 0", id="arabic-digit"),
+        pytest.param(["incr", "k", "--by", "+2"], "argument --by: not a decimal integer: '+2'", id="plus-by"),
+        pytest.param(["incr", "k", "--by", "٣"], "argument --by: not a decimal integer", id="arabic-digit-by"),
+    ],
+)
+def test_a_number_not_spelled_in_decimal_digits_is_a_usage_error(
+    fake_config: Path, recorder: Recorder, capsys: pytest.CaptureFixture[str], args: list[str], message: str,
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        run(fake_config, *args)
+    assert done.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and message in err, err
+    assert recorder.seen == []
