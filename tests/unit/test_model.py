@@ -303,9 +303,11 @@ class WriteThroughModel(DataModel):
         super().teardown()
 
 
-# Examples, seed and database come from the profile tests/conftest.py loads (a fixed seed in `make test`).
-WriteBehindModel.TestCase.settings = settings(stateful_step_count=30)
+# Seed and database come from the profile tests/conftest.py loads (a fixed seed in `make test`); the number of
+# examples is a share of the profile's, so `HYPOTHESIS_PROFILE=deep` still runs ten times more.
+WriteBehindModel.TestCase.settings = settings(stateful_step_count=30, max_examples=settings.default.max_examples // 2)
 TestWriteBehindModel = WriteBehindModel.TestCase
 # Real sqlite: every step is a commit on a thread, so fewer examples.
-WriteThroughModel.TestCase.settings = settings(stateful_step_count=30, max_examples=60)
+WriteThroughModel.TestCase.settings = settings(stateful_step_count=30,
+                                               max_examples=max(settings.default.max_examples // 8, 10))
 TestWriteThroughModel = WriteThroughModel.TestCase
