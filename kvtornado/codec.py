@@ -333,10 +333,13 @@ def decode_cursor(cursor: str, prefix: str) -> str:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         doc = _DECODER.decode(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        # Only the exact text encode_cursor makes: a forged one naming a lone surrogate cannot be re-encoded
+        # (UnicodeEncodeError, a ValueError) and is refused like any other.
+        canonical = (isinstance(doc, list) and len(doc) == 2 and all(isinstance(part, str) for part in doc)
+                     and cursor.isascii() and encode_cursor(*doc) == cursor)
+    except (ValueError, RecursionError):
         raise BadRequest("The cursor is not one this server gave out.") from None
-    if (not isinstance(doc, list) or len(doc) != 2 or not all(isinstance(part, str) for part in doc)
-            or not cursor.isascii() or encode_cursor(*doc) != cursor):
+    if not canonical:
         raise BadRequest("The cursor is not one this server gave out.")
     if doc[0] != prefix:
         raise BadRequest("The cursor was made for another prefix.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -489,8 +490,12 @@ def test_a_cursor_round_trips_for_its_prefix_only(prefix: str, key: str) -> None
         _codec.decode_cursor(cursor, prefix + "z")
 
 
+# ["", "\ud800"]: JSON that decodes to a lone surrogate, which no key can hold (it was a 500 once)
+FORGED_SURROGATE = base64.urlsafe_b64encode(b'["","\\ud800"]').rstrip(b"=").decode()
+
+
 @pytest.mark.parametrize("cursor", ["", "!!!", "bm90IGpzb24", _codec.encode_cursor("", "a") + "A", "WyJhIl0",
-                                    "WyIiLDFd", "é"])
+                                    "WyIiLDFd", "é", FORGED_SURROGATE])
 def test_a_cursor_the_server_did_not_make_is_400(cursor: str) -> None:
     with pytest.raises(BadRequest, match="not one this server gave out"):
         _codec.decode_cursor(cursor, "")
