@@ -296,7 +296,9 @@ class BaseHandler(RequestHandler):
         if isinstance(value, StorageError):
             log.warning("storage error on %s %s: %s", self.request.method, self.request.path, value)
             return
-        super().log_exception(typ, value, tb)
+        # Tornado's own line would print the whole request, query (keys) included: the path only, as elsewhere.
+        log.error("uncaught exception on %s %s", self.request.method, self.request.path,
+                  exc_info=(typ, value, tb) if typ is not None and value is not None else None)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Render what was raised: a ``KVError`` as itself, sqlite trouble as 503, Tornado's own ``HTTPError``s

@@ -120,7 +120,7 @@ async def test_an_unexpected_exception_is_a_500_that_says_nothing_about_it(
 ) -> None:
     kv_double.fail = RuntimeError(f"bug near {SECRET_DETAIL}")
     async with serving(make_app(config, authenticator=authenticator, kv=kv_double)) as url:
-        resp = await AsyncKVClient(url, signer).request("GET", "/get", params={"key": "k"})
+        resp = await AsyncKVClient(url, signer).request("GET", "/get", params={"key": "private-key-name"})
     doc = assert_error(resp, 500, "internal_error")
     assert SECRET_DETAIL not in resp.body.decode() and "Traceback" not in resp.body.decode()
     assert doc["message"] == "The server could not complete the request."
@@ -128,6 +128,8 @@ async def test_an_unexpected_exception_is_a_500_that_says_nothing_about_it(
     assert len(logged) == 1 and logged[0].levelno == logging.ERROR, caplog.text
     typ, value, tb = logged[0].exc_info  # type: ignore[misc]
     assert typ is RuntimeError and value is kv_double.fail and tb is not None
+    assert logged[0].getMessage() == "uncaught exception on GET /get"  # the path, never the query (keys)
+    assert "private-key-name" not in caplog.text
 
 
 @pytest.mark.gen_test
