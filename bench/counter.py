@@ -77,7 +77,7 @@ def check(make: Callable[[], KVClient], clients: int, rounds: int, label: str) -
     ok = end == clients * rounds and not errors
     print(f"{label}: {clients} clients x {rounds} if_version read-modify-writes: counter {end} of "
           f"{clients * rounds}, {retries} retries on 412, {time.monotonic() - start:.1f} s"
-          + ("" if ok else f"  MISMATCH {errors[:3]}"))
+          + ("" if ok else f"  MISMATCH {errors[:3]}"), flush=True)
 
     ikey = key + "-incr"
     start = time.monotonic()
@@ -91,7 +91,7 @@ def check(make: Callable[[], KVClient], clients: int, rounds: int, label: str) -
         iend = c.get(ikey)
     iok = iend == 10 * rounds and not ierrors
     print(f"{label}: 10 threads x {rounds} /incr: {iend} of {10 * rounds}, {time.monotonic() - start:.1f} s"
-          + ("" if iok else f"  MISMATCH {ierrors[:3]}"))
+          + ("" if iok else f"  MISMATCH {ierrors[:3]}"), flush=True)
     return ok and iok
 
 
