@@ -28,7 +28,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as ``python bench/flush_bench.py``: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, key_name, percentile, preload_value, rss_bytes, value_pool
+from bench.common import ROOT, key_name, percentile, preload_rows, preload_value, rss_bytes, value_pool
 from kvtornado.cache import WriteBehindCache
 from kvtornado.config import CacheConfig
 from kvtornado.server import GIL_SWITCH_INTERVAL_S
@@ -44,12 +44,10 @@ FILL_CONFIG = CacheConfig(max_entries=2 * TABLE_ROWS, flush_interval_ms=3_600_00
 READ_BATCH = 1000
 
 
-async def build_table(path: Path, synchronous: str, pool: list[str]) -> SqliteStore:
+async def build_table(path: Path, synchronous: str, seed: int) -> SqliteStore:
     store = SqliteStore(path, synchronous=synchronous)
     await store.open()
-    for start in range(0, TABLE_ROWS, 10_000):
-        rows = [(key_name(i), json.dumps(preload_value(pool, i))) for i in range(start, start + 10_000)]
-        await store.write_rows(rows)
+    await preload_rows(store, seed, TABLE_ROWS)
     return store
 
 
@@ -81,7 +79,7 @@ async def idle_lag(seconds: float) -> dict[str, float]:
 
 async def flush_case(folder: Path, synchronous: str, dirty: int, kind: str, seed: int) -> dict[str, Any]:
     pool = value_pool(seed)
-    store = await build_table(folder / f"{synchronous}-{kind}-{dirty}.sqlite3", synchronous, pool)
+    store = await build_table(folder / f"{synchronous}-{kind}-{dirty}.sqlite3", synchronous, seed)
     cache = WriteBehindCache(store, FILL_CONFIG)  # not start()ed: no periodic flush
     rng = random.Random(f"{seed}:{synchronous}:{kind}:{dirty}")
     keys = rng.sample(range(TABLE_ROWS), dirty) if kind == "update" else range(TABLE_ROWS, TABLE_ROWS + dirty)
@@ -154,7 +152,7 @@ async def memory_case(folder: Path, seed: int) -> dict[str, Any]:
     """RSS growth per clean cache entry: 100 000 ``get()`` misses of preloaded keys, each then cached."""
     pool = value_pool(seed)
     db = folder / "memory.sqlite3"
-    store = await build_table(db, "NORMAL", pool)
+    store = await build_table(db, "NORMAL", seed)
     await store.close()
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.flush_bench", "--memory-child", str(db), cwd=ROOT,

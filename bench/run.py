@@ -32,7 +32,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as ``python bench/run.py``: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import KEY_ID, ROOT, key_name, preload_value, value_pool
+from bench.common import KEY_ID, ROOT, preload_rows
 from kvtornado.client import KVClient, Signer
 from kvtornado.store import SqliteStore
 
@@ -96,11 +96,7 @@ async def preload(db: Path, seed: int, count: int) -> None:
     store = SqliteStore(db, synchronous="FULL")
     await store.open()
     try:
-        pool = value_pool(seed)
-        batch = 5000
-        for start in range(0, count, batch):
-            rows = [(key_name(i), json.dumps(preload_value(pool, i))) for i in range(start, min(count, start + batch))]
-            await store.write_rows(rows)
+        await preload_rows(store, seed, count)
     finally:
         await store.close()
 
