@@ -8,6 +8,8 @@ waits for its answer, sends the next, until the time is up. The first ``warmup_s
 Tornado's ``AsyncHTTPClient`` costs more CPU per request than the server under test, so it would measure
 itself: this speaks just enough HTTP/1.1 (``Content-Length`` framing, which is what Tornado sends for a
 finished response) and signs with an HMAC state precomputed over the constant prefix of the string to sign.
+
+It also measures how busy other processes kept its own core, as it does for the server's.
 """
 
 from __future__ import annotations
@@ -210,6 +212,7 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
     build = request_builder(spec, signer, host)
     server_pid = spec.get("server_pid")
     server_core = spec.get("server_core")  # None when not pinned: then nobody else's load can be told apart
+    client_core = spec.get("client_core")
     n = int(spec["connections"])
     loop = asyncio.get_running_loop()
     run = Run()
@@ -228,6 +231,8 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
             marks["srv0"] = proc_cpu_s(server_pid)
         if server_core is not None:
             marks["core0"] = core_busy_s(server_core)
+        if client_core is not None:
+            marks["ccore0"] = core_busy_s(client_core)
         run.measuring = True
 
     def stop_measuring() -> None:
@@ -236,6 +241,8 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
             marks["srv1"] = proc_cpu_s(server_pid)
         if server_core is not None:
             marks["core1"] = core_busy_s(server_core)
+        if client_core is not None:
+            marks["ccore1"] = core_busy_s(client_core)
         run.measuring = False
         run.stopping = True
 
@@ -260,6 +267,8 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
     server_cpu = marks.get("srv1", 0.0) - marks.get("srv0", 0.0)
     # Other processes on the server's core (the machine is shared): its busy time minus the server's own.
     other = max(0.0, marks["core1"] - marks["core0"] - server_cpu) if server_core is not None else None
+    # ... and on the load generator's core: its busy time minus this process's own.
+    other_client = max(0.0, marks["ccore1"] - marks["ccore0"] - client_cpu) if client_core is not None else None
     return {
         "workload": spec["workload"],
         "connections": n,
@@ -280,6 +289,7 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
         "client_cpu_pct": round(100 * client_cpu / wall, 1) if wall > 0 else 0.0,
         "server_cpu_pct": round(100 * server_cpu / wall, 1) if wall > 0 and server_pid else None,
         "server_core_other_pct": round(100 * other / wall, 1) if other is not None and wall > 0 else None,
+        "client_core_other_pct": round(100 * other_client / wall, 1) if other_client is not None and wall > 0 else None,
         # The nonce store grows with every signed request (up to auth.max_nonces): watch the server's memory.
         "server_rss_mb": round(rss_bytes(server_pid) / 2**20, 1) if server_pid else None,
         "client_cpu_us_per_req": round(1e6 * client_cpu / count, 1) if count else None,
