@@ -9,7 +9,8 @@ Tornado's ``AsyncHTTPClient`` costs more CPU per request than the server under t
 itself: this speaks just enough HTTP/1.1 (``Content-Length`` framing, which is what Tornado sends for a
 finished response) and signs with an HMAC state precomputed over the constant prefix of the string to sign.
 
-It also measures how busy other processes kept its own core, as it does for the server's.
+It also counts every 2xx answer of every phase (``ok_total``: what /incr's exactness check compares with),
+and how busy other processes kept its own core.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 from bench.common import KEY_ID, core_busy_s, hot_keys, key_name, percentile, proc_cpu_s, rss_bytes, value_pool
 from kvtornado.auth import EMPTY_BODY_SHA256, SCHEME, load_keys, sign_request
 
-WORKLOADS = ("ping", "get", "save", "mix")
+WORKLOADS = ("ping", "get", "save", "mix", "save_durable", "batch_get", "batch_save", "incr")
 MIX_GET_SHARE = 0.9
 # Longest wait for one answer before it counts as an error (a hang) instead of blocking the bench.
 RESPONSE_TIMEOUT_S = 10.0
@@ -76,12 +77,18 @@ def check_signer(key_id: str, secret: bytes, host: str) -> None:
         raise SystemExit("bench.loadgen: the fast signer disagrees with kvtornado.auth.sign_request")
 
 
+def _post(host: str, target: str, auth: str, body: bytes) -> bytes:
+    return (f"POST {target} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode("ascii") + body
+
+
 def request_builder(spec: dict[str, Any], signer: FastSigner, host: str) -> Callable[[random.Random], bytes]:
     """A function of a connection's RNG that returns the bytes of its next request."""
     workload = spec["workload"]
     seed = int(spec["seed"])
     hot = hot_keys(seed, int(spec["preloaded"]), int(spec["hot"]))
     key_space = int(spec["key_space"])
+    batch_ops = int(spec.get("batch_ops", 100))
     pool = value_pool(seed)
     ping = f"GET /ping HTTP/1.1\r\nHost: {host}\r\n\r\n".encode("ascii")
     authorization = signer.authorization
@@ -91,19 +98,38 @@ def request_builder(spec: dict[str, Any], signer: FastSigner, host: str) -> Call
         auth = authorization("GET", "/get", query, EMPTY_BODY_SHA256)
         return f"GET /get?{query} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\n\r\n".encode("ascii")
 
+    def signed_post(path: str, query: str, body: bytes) -> bytes:
+        auth = authorization("POST", path, query, hashlib.sha256(body).hexdigest())
+        return _post(host, f"{path}?{query}" if query else path, auth, body)
+
     def save(rng: random.Random) -> bytes:
         body = f'{{"key":"{key_name(rng.randrange(key_space))}","value":"{rng.choice(pool)}"}}'.encode("ascii")
-        auth = authorization("POST", "/save", "", hashlib.sha256(body).hexdigest())
-        return (
-            f"POST /save HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode("ascii") + body
+        return signed_post("/save", "", body)
+
+    def save_durable(rng: random.Random) -> bytes:
+        body = f'{{"key":"{key_name(rng.randrange(key_space))}","value":"{rng.choice(pool)}"}}'.encode("ascii")
+        return signed_post("/save", "durable=1", body)
 
     def mix(rng: random.Random) -> bytes:
         return get(rng) if rng.random() < MIX_GET_SHARE else save(rng)
 
+    def batch_get(rng: random.Random) -> bytes:
+        ops = ",".join(f'{{"op":"get","key":"{rng.choice(hot)}"}}' for _ in range(batch_ops))
+        return signed_post("/batch", "", f'{{"ops":[{ops}]}}'.encode("ascii"))
+
+    def batch_save(rng: random.Random) -> bytes:
+        ops = ",".join(f'{{"op":"save","key":"{key_name(rng.randrange(key_space))}","value":"{rng.choice(pool)}"}}'
+                       for _ in range(batch_ops))
+        return signed_post("/batch", "", f'{{"ops":[{ops}]}}'.encode("ascii"))
+
+    incr_body = json.dumps({"key": spec.get("incr_key", "counter")}, separators=(",", ":")).encode("utf-8")
+
+    def incr(rng: random.Random) -> bytes:
+        return signed_post("/incr", "", incr_body)
+
     builders: dict[str, Callable[[random.Random], bytes]] = {
-        "ping": lambda rng: ping, "get": get, "save": save, "mix": mix,
+        "ping": lambda rng: ping, "get": get, "save": save, "mix": mix, "save_durable": save_durable,
+        "batch_get": batch_get, "batch_save": batch_save, "incr": incr,
     }
     return builders[workload]
 
@@ -116,6 +142,7 @@ class Run:
         self.stopping = False
         self.latencies: list[float] = []
         self.warmup_requests = 0
+        self.ok_total = 0  # 2xx answers in every phase (warm-up and drain included): what the server applied
         self.errors: Counter[str] = Counter()
         self.samples: list[str] = []
 
@@ -182,7 +209,9 @@ class Connection(asyncio.Protocol):
             run.latencies.append(now - self.sent_at)
         elif not run.stopping:
             run.warmup_requests += 1
-        if status[0:1] != b"2":
+        if status[0:1] == b"2":
+            run.ok_total += 1
+        else:
             run.error(status.decode("ascii", "replace"), buf[end + 4 : total].decode("utf-8", "replace"))
         if self.buf:
             run.error("framing", "bytes after the response: " + repr(self.buf[:100]))
@@ -275,6 +304,7 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
         "seconds": round(wall, 3),
         "requests": count,
         "warmup_requests": run.warmup_requests,
+        "ok_total": run.ok_total,
         "rps": round(count / wall, 1) if wall > 0 else 0.0,
         "latency_ms": {
             "p50": round(percentile(lat, 50) * 1000, 3),
