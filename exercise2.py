@@ -4,7 +4,9 @@
 Every protected request carries ``Authorization: KV-HMAC-SHA256 keyid=..., ts=..., nonce=..., sig=...``,
 an HMAC-SHA256 over the method, host, raw path and query, and the SHA-256 of the body, with a clock
 window and one-time nonces (see README). ``GET`` or ``POST /authorize`` answers
-``{"authorized": true, "key_id": ...}`` for a correctly signed request.
+``{"authorized": true, "key_id": ..., "role": ..., "prefix": ...}`` for a correctly signed request: each line
+of the keys file may scope its key with ``role=read|write|admin`` and ``prefix=P`` (a line without options is an
+admin with no prefix).
 
 Run: ``python exercise2.py --config config.yaml``.
 

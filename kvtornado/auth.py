@@ -24,6 +24,7 @@ from pathlib import Path
 
 from kvtornado.errors import AuthError, ConfigError
 from kvtornado.locks import LockHeld, lock_path, take_lock
+from kvtornado.policy import ADMIN_GRANT, Grant, parse_options
 
 SCHEME = "KV-HMAC-SHA256"
 EMPTY_BODY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -52,9 +53,18 @@ def _is_secret_text(s: str) -> bool:
     return all("!" <= ch <= "~" for ch in s)
 
 
-def parse_keys(text: str, *, label: str) -> dict[str, bytes]:
-    """Parse ``<key_id> <secret>`` lines; errors name the line, never the secret."""
-    keys: dict[str, bytes] = {}
+@dataclass(frozen=True)
+class Keys:
+    """A keys file: each key id's secret (the HMAC key) and its grant (role and prefix, SPEC §4)."""
+
+    secrets: dict[str, bytes]
+    grants: dict[str, Grant]
+
+
+def parse_keys(text: str, *, label: str) -> Keys:
+    """Parse ``<key_id> <secret> [role=...] [prefix=...]`` lines; errors name the line, never the secret."""
+    secrets_: dict[str, bytes] = {}
+    grants: dict[str, Grant] = {}
     # Only LF ends a line and only spaces and tabs separate fields, so a stray control character can
     # neither shift the line numbers in errors nor split a secret.
     for lineno, raw in enumerate(text.split("\n"), start=1):
@@ -62,9 +72,10 @@ def parse_keys(text: str, *, label: str) -> dict[str, bytes]:
         if not line or line.startswith("#"):
             continue
         parts = [p for p in re.split(r"[ \t]+", line) if p]
-        if len(parts) != 2:
-            raise ConfigError(f"{label} line {lineno}: expected '<key_id> <secret>' (two fields separated by a space)")
-        key_id, secret = parts
+        if len(parts) < 2:
+            raise ConfigError(f"{label} line {lineno}: expected '<key_id> <secret> [role=R] [prefix=P]' "
+                              "(fields separated by spaces)")
+        key_id, secret = parts[:2]
         if not KEY_ID_RE.fullmatch(key_id):
             raise ConfigError(f"{label} line {lineno}: key id must match [A-Za-z0-9._-]{{1,64}}")
         if not _is_secret_text(secret):
@@ -74,12 +85,13 @@ def parse_keys(text: str, *, label: str) -> dict[str, bytes]:
                 f"{label} line {lineno}: secret for key id {key_id!r} is too short "
                 f"({len(secret)} characters, need at least {MIN_SECRET_CHARS})"
             )
-        if key_id in keys:
+        if key_id in secrets_:
             raise ConfigError(f"{label} line {lineno}: duplicate key id {key_id!r}")
-        keys[key_id] = secret.encode("ascii")
-    if not keys:
+        grants[key_id] = parse_options(parts[2:], where=f"{label} line {lineno}")
+        secrets_[key_id] = secret.encode("ascii")
+    if not secrets_:
         raise ConfigError(f"{label}: no keys (add a line '<key_id> <secret>')")
-    return keys
+    return Keys(secrets_, grants)
 
 
 def create_keys_file(path: Path) -> None:
@@ -93,7 +105,7 @@ def create_keys_file(path: Path) -> None:
         os.close(fd)
 
 
-def load_keys(path: Path, *, create: bool = True) -> dict[str, bytes]:
+def load_keys(path: Path, *, create: bool = True) -> Keys:
     """Load the keys file, creating it with one fresh key when missing (``create``)."""
     if not path.exists() and create:
         try:
@@ -416,6 +428,7 @@ class Authenticator:
         self,
         keys: dict[str, bytes],
         *,
+        grants: dict[str, Grant] | None = None,
         max_skew_s: int = 300,
         max_nonces: int = 1_000_000,
         public_host: str | None = None,
@@ -424,6 +437,7 @@ class Authenticator:
         journal: NonceJournal | None = None,
     ) -> None:
         self.keys = dict(keys)
+        self.grants = dict(grants or {})  # a key id without one is an admin with no prefix (SPEC §4)
         self.max_skew_s = max_skew_s
         self.public_host = public_host.lower() if public_host else None
         self.clock = clock
@@ -444,6 +458,10 @@ class Authenticator:
         for ts, key_id, nonce in entries:
             if abs(now - ts) <= self.max_skew_s and not self.nonces.seen(key_id, nonce):
                 self.nonces.add(key_id, nonce, ts, now)
+
+    def grant(self, key_id: str) -> Grant:
+        """What an authenticated key id may do."""
+        return self.grants.get(key_id, ADMIN_GRANT)
 
     async def authenticate(
         self, *, authorization: str | None, method: str, host: str, path: str, query: str, body: bytes

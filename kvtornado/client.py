@@ -618,7 +618,7 @@ def _parser() -> argparse.ArgumentParser:
                               "else exit 1 with 412 version_mismatch and the current_version")
 
     command("ping", "check that the server answers (unsigned: needs no keys file, nor a config with --url)")
-    command("authorize", "check that the server accepts this key; prints its key id")
+    command("authorize", "check that the server accepts this key; prints its key id, role and prefix")
     s = command("save", "save KEY = VALUE (a string, or any JSON value with --json); prints the new version")
     s.add_argument("key", metavar="KEY", help="the key (any non-empty text)")
     s.add_argument("value", metavar="VALUE",
@@ -782,7 +782,7 @@ def cli(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config)
             url = url or _server_url(cfg.server.host, cfg.server.port)
             if args.command != "ping":
-                keys = load_keys(cfg.auth.secret_file, create=False)
+                keys = load_keys(cfg.auth.secret_file, create=False).secrets
                 key_id = args.key_id or next(iter(keys), None)
                 if key_id not in keys:
                     raise _UsageError(f"key id {key_id!r} is not in {cfg.auth.secret_file}")

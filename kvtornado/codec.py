@@ -322,6 +322,22 @@ def parse_batch(content_type: str | None, body: bytes, *, max_ops: int, max_key_
     return ops
 
 
+def only_get_ops(body: bytes) -> bool:
+    """Whether a ``/batch`` body, whatever its other faults, holds no op but ``get`` (what a read key may send).
+
+    Any content type is read as JSON here: a read key's batch of saves is 403 even when it would also be 415.
+    A body that is not ``{"ops": [...]}`` at all holds no op, and its validation says what is wrong with it;
+    an element of the list that is not ``{"op": "get", ...}`` counts as an op other than get."""
+    try:
+        doc = parse_json(body)
+    except KVError:
+        return True
+    ops = doc.get("ops") if isinstance(doc, dict) else None
+    if not isinstance(ops, list):
+        return True
+    return all(isinstance(op, dict) and op.get("op") == GET for op in ops)
+
+
 def encode_cursor(prefix: str, last_key: str) -> str:
     """An opaque ``/keys`` cursor: the position after ``last_key``, for ``prefix`` only (base64url JSON)."""
     raw = compact_json([prefix, last_key]).encode("utf-8")

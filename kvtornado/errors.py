@@ -69,6 +69,12 @@ class AuthError(KVError):
         self.headers["WWW-Authenticate"] = f'KV-HMAC-SHA256 error="{code}"'
 
 
+class Forbidden(KVError):
+    status = 403
+    code = "forbidden"
+    default_message = "This key id may not do that."
+
+
 class NotFound(KVError):
     status = 404
     code = "not_found"

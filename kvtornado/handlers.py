@@ -34,6 +34,7 @@ from kvtornado.errors import (
     for_status,
 )
 from kvtornado.ops import DELETE, GET, INCR, MAX_SAFE, Op, Outcome, Record
+from kvtornado.policy import ADMIN, ADMIN_GRANT, READ, WRITE, Grant, ScopedKV
 
 log = logging.getLogger("kvtornado.handlers")
 
@@ -135,12 +136,16 @@ class BaseHandler(RequestHandler):
     """Auth, body limits, one JSON error shape. Subclasses define ``do_get``/``do_post``/..."""
 
     auth_required = True
+    # SPEC §4 "Scoped keys": the least role that may call this route. A new route is admin-only until it says.
+    role = ADMIN
     query_params: frozenset[str] = frozenset()  # SPEC §5: each route takes only its own query parameters
     body_methods: frozenset[str] = frozenset()  # the methods whose body this route reads; others take none
 
     def initialize(self, svc: Service) -> None:
         self.svc = svc
         self.key_id: str | None = None
+        self.grant: Grant = ADMIN_GRANT
+        self._kv: KeyValue | None = svc.kv
         self.fields: dict[str, str] = {}  # the query's parameters, checked against ``query_params``
         self._chunks: list[bytes] = []
         self._body_bytes = 0
@@ -225,6 +230,8 @@ class BaseHandler(RequestHandler):
         impl: Callable[[], Awaitable[None]] | None = getattr(self, "do_" + self.request.method.lower(), None)
         if impl is None:
             raise self.method_not_allowed()
+        if self.auth_required:
+            self._apply_grant()
         if self.body and self.request.method not in self.body_methods:
             # A body nobody reads is a second, unchecked reading of the request: refused, not ignored.
             raise BadRequest(f"{self.request.method} {self.request.path} takes no body.")
@@ -238,6 +245,19 @@ class BaseHandler(RequestHandler):
     # Tornado calls the method named after the request's. All of them are the same call, bound once here: a
     # route changes what it does with ``do_<method>`` (or ``serve``), never by rebinding these.
     get = post = put = delete = patch = options = head = _any_method
+
+    def _apply_grant(self) -> None:
+        """SPEC §4's order: after authentication and 405, the role (403) before the request is validated; the
+        prefix is checked later, on every key the request names, by the ``ScopedKV`` the data goes through."""
+        assert self.svc.authenticator is not None and self.key_id is not None
+        self.grant = grant = self.svc.authenticator.grant(self.key_id)
+        grant.check_role(self.role_needed(grant), f"call {self.request.method} {self.request.path}")
+        if grant.prefix is not None and self._kv is not None:
+            self._kv = ScopedKV(self._kv, grant)
+
+    def role_needed(self, grant: Grant) -> str:
+        """The role this request needs (a route whose requests differ overrides it: ``/batch``)."""
+        return self.role
 
     def method_not_allowed(self) -> KVError:
         return MethodNotAllowed(f"{self.request.method} is not allowed on {self.request.path}.",
@@ -332,8 +352,9 @@ class BaseHandler(RequestHandler):
 
     @property
     def kv(self) -> KeyValue:
-        assert self.svc.kv is not None
-        return self.svc.kv
+        """The data, as this key id may see it: through a ``ScopedKV`` when it has a prefix."""
+        assert self._kv is not None
+        return self._kv
 
     def durable(self) -> bool:
         flag = self.fields.get("durable")
@@ -373,9 +394,11 @@ class NotFoundHandler(BaseHandler):
 
 
 class AuthorizeHandler(BaseHandler):
+    role = READ
     body_methods = frozenset({"GET", "POST"})  # any body: it is signed, and that is what /authorize checks
+
     async def do_get(self) -> None:
-        self.send_json(json_bytes({"authorized": True, "key_id": self.key_id}))
+        self.send_json(json_bytes({"authorized": True, "key_id": self.key_id, **self.grant.describe()}))
 
     do_post = do_get
 
@@ -408,6 +431,7 @@ def render_outcome(outcome: Outcome) -> str:
 
 
 class SaveHandler(BaseHandler):
+    role = WRITE
     query_params = frozenset({"durable", "ttl", "if_version"})
     body_methods = frozenset({"POST"})
 
@@ -425,6 +449,7 @@ class SaveHandler(BaseHandler):
 
 
 class GetHandler(BaseHandler):
+    role = READ
     query_params = frozenset({"key"})
 
     async def do_get(self) -> None:
@@ -440,6 +465,7 @@ class GetHandler(BaseHandler):
 
 
 class DeleteHandler(BaseHandler):
+    role = WRITE
     query_params = frozenset({"key", "durable", "if_version"})
     body_methods = frozenset({"POST"})  # DELETE names its key in the query only
 
@@ -469,6 +495,7 @@ class DeleteHandler(BaseHandler):
 
 
 class IncrHandler(BaseHandler):
+    role = WRITE
     query_params = frozenset({"durable", "if_version"})
     body_methods = frozenset({"POST"})
 
@@ -482,8 +509,16 @@ class IncrHandler(BaseHandler):
 
 
 class BatchHandler(BaseHandler):
+    role = READ  # a batch of gets only; any other op needs write (role_needed)
     query_params = frozenset({"durable"})
     body_methods = frozenset({"POST"})
+
+    def role_needed(self, grant: Grant) -> str:
+        # Only a read key needs to look: SPEC §4 refuses its batch holding any op other than get with 403,
+        # whatever else is wrong with it, so this reads the ops before the body is validated.
+        if grant.may(WRITE) or codec.only_get_ops(self.body):
+            return READ
+        return WRITE
 
     async def do_post(self) -> None:
         limits = self.svc.config.limits
@@ -500,11 +535,13 @@ DEFAULT_LIST_LIMIT = 100
 
 
 class KeysHandler(BaseHandler):
+    role = READ
     query_params = frozenset({"prefix", "limit", "cursor", "values"})
 
     async def do_get(self) -> None:
         fields = self.fields
-        prefix = fields.get("prefix", "")
+        # A prefixed key id lists under its prefix when it names none; its cursors belong to that prefix.
+        prefix = self.grant.list_prefix(fields.get("prefix", ""))
         limit = codec.query_int(fields, "limit", 1, MAX_LIST_LIMIT) or DEFAULT_LIST_LIMIT
         values = fields.get("values", "0")
         if values not in ("0", "1"):
@@ -522,12 +559,14 @@ class KeysHandler(BaseHandler):
 
 
 class FlushHandler(BaseHandler):
+    role = ADMIN
     async def do_post(self) -> None:
         flushed = await self.kv.flush()
         self.send_json(json_bytes({"flushed": flushed}))
 
 
 class StatsHandler(BaseHandler):
+    role = ADMIN
     async def do_get(self) -> None:
         stats = dict(self.kv.stats())
         stats["rejected"] = dict(self.svc.rejected)

@@ -142,7 +142,7 @@ def main(argv: list[str], *, exercise: int, default_config: Path) -> int:
             keys = load_keys(cfg.auth.secret_file)
             journal = NonceJournal(nonce_journal_path(cfg, exercise))  # opened by _serve, once the store is
             authenticator = Authenticator(
-                keys, max_skew_s=cfg.auth.max_skew_s, max_nonces=cfg.auth.max_nonces,
+                keys.secrets, grants=keys.grants, max_skew_s=cfg.auth.max_skew_s, max_nonces=cfg.auth.max_nonces,
                 public_host=cfg.auth.public_host, journal=journal,
             )
     except ConfigError as exc:

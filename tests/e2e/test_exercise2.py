@@ -30,7 +30,7 @@ async def test_signed_authorize_is_200(http_client: Any, base_url: str, signer: 
     body = b'{"hello":"world"}' if method == "POST" else b""
     resp = await send(http_client, base_url, method, "/authorize", body=body, content_type="application/json",
                       signer=signer)
-    assert assert_json(resp, 200) == {"authorized": True, "key_id": TEST_KEY_ID}
+    assert assert_json(resp, 200) == {"authorized": True, "key_id": TEST_KEY_ID, "role": "admin", "prefix": None}
     assert resp.header("Cache-Control") == "no-store"
 
 
@@ -42,7 +42,8 @@ async def test_signed_authorize_refuses_a_query_and_takes_the_project_client(htt
     assert_error(resp, 400, "bad_request")
     resp = await send(http_client, base_url, "GET", "/authorize", query="a=1", signer=None)
     assert_error(resp, 401, "missing_auth")
-    assert await AsyncKVClient(base_url, signer).authorize() == {"authorized": True, "key_id": TEST_KEY_ID}
+    assert await AsyncKVClient(base_url, signer).authorize() == {"authorized": True, "key_id": TEST_KEY_ID,
+                                                                 "role": "admin", "prefix": None}
 
 
 @pytest.mark.gen_test
@@ -52,7 +53,7 @@ async def test_every_key_of_the_keys_file_is_accepted(http_client: Any, config: 
     async with serving(make_app(config, authenticator=auth)) as url:
         for key_id, secret in (("old", b"o" * 40), ("new", b"n" * 40)):
             resp = await send(http_client, url, "GET", "/authorize", signer=Signer(key_id, secret))
-            assert assert_json(resp, 200) == {"authorized": True, "key_id": key_id}
+            assert assert_json(resp, 200) == {"authorized": True, "key_id": key_id, "role": "admin", "prefix": None}
         resp = await send(http_client, url, "GET", "/authorize", signer=Signer("old", b"n" * 40))
         assert_error(resp, 401, "bad_signature")
 
@@ -65,7 +66,7 @@ async def test_parameters_in_any_order_with_white_space(http_client: Any, base_u
     sig = header.rsplit("sig=", 1)[1]
     shuffled = f"KV-HMAC-SHA256   sig={sig} ,nonce = {nonce},\tts={ts},  keyid={TEST_KEY_ID}  "
     resp = await fetch(http_client, base_url, "GET", "/authorize", {"Authorization": shuffled}, b"")
-    assert assert_json(resp, 200) == {"authorized": True, "key_id": TEST_KEY_ID}
+    assert assert_json(resp, 200) == {"authorized": True, "key_id": TEST_KEY_ID, "role": "admin", "prefix": None}
 
 
 @pytest.mark.gen_test
@@ -194,7 +195,7 @@ async def test_replayed_request_is_refused(http_client: Any, base_url: str, sign
     headers = {"Host": host_of(base_url), "Content-Type": "application/json",
                "Authorization": signer.authorization(method, host_of(base_url), "/authorize", "", body)}
     first = await fetch(http_client, base_url, method, "/authorize", headers, body)
-    assert assert_json(first, 200) == {"authorized": True, "key_id": TEST_KEY_ID}
+    assert assert_json(first, 200) == {"authorized": True, "key_id": TEST_KEY_ID, "role": "admin", "prefix": None}
     second = await fetch(http_client, base_url, method, "/authorize", headers, body)
     assert_error(second, 401, "replayed_nonce")
 

@@ -709,7 +709,8 @@ def test_openssl_recipe_reproduces_the_spec_test_vector() -> None:
 
 def test_curl_and_openssl_against_a_real_exercise3(exercise3: ServerProcess) -> None:
     host = f"127.0.0.1:{exercise3.port}"
-    assert curl("GET", host, "/authorize") == (200, {"authorized": True, "key_id": TEST_KEY_ID})
+    assert curl("GET", host, "/authorize") == (200, {"authorized": True, "key_id": TEST_KEY_ID, "role": "admin",
+                                                     "prefix": None})
     body = '{"key":"a key/with?odd=chars","value":{"café":["☕",1.5,null]}}'
     assert curl("POST", host, "/save", "durable=1", body) == (200, {"key": "a key/with?odd=chars", "saved": True,
                                                                     "version": VERSION})

@@ -34,6 +34,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from kvtornado.client import KVClient, Signer
+from kvtornado.codec import only_get_ops
 from tests.conftest import TEST_KEY_ID, TEST_SECRET, write_config, write_keys
 from tests.e2e.helpers import ROOT, VERSION, ServerProcess
 
@@ -121,7 +122,8 @@ def schema() -> Any:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     folder = tmp_path_factory.mktemp("schemathesis")
-    write_keys(folder / "keys" / "kv.keys", [f"{TEST_KEY_ID} {TEST_SECRET.decode()}"])
+    write_keys(folder / "keys" / "kv.keys", [f"{TEST_KEY_ID} {TEST_SECRET.decode()}",
+                                             f"{READ_KEY_ID} {READ_SECRET.decode()} role=read"])
     config = write_config(folder)
     with ServerProcess.start(4, config) as proc:
         proc.wait_listening()
@@ -205,6 +207,46 @@ def test_unsigned_requests_are_401_missing_auth(
 
     _run(schema, label, GenerationMode.POSITIVE, UNSIGNED_EXAMPLES, send)
     assert count > 0
+
+
+# A read-only key (SPEC §4 "Scoped keys"): every generated request to a route it may not call — valid data or
+# not, since the role is checked before the request is validated — is 403, and those it may call never are
+# (a /batch is 403 exactly when it holds an op other than get).
+READ_KEY_ID, READ_SECRET = "dashboard", b"d" * 48
+READ_ROUTES = {"GET /authorize", "POST /authorize", "GET /get", "GET /keys", "POST /batch"}
+READ_ONLY_EXAMPLES = 10
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
+@pytest.mark.parametrize("label", [label for label in LABELS if _is_protected(label)])
+def test_a_read_only_key_sees_no_5xx_and_only_403_for_writes(
+    schema: Any, server: ServerProcess, session: requests.Session, label: str, mode: GenerationMode
+) -> None:
+    auth = KVHmacAuth(Signer(READ_KEY_ID, READ_SECRET))
+    statuses: Counter[int] = Counter()
+
+    def send(case: Case) -> None:
+        response = _call(case, server, session, auth)
+        statuses[response.status_code] += 1
+        case.validate_response(response, checks=CHECKS)
+        assert response.status_code != 401, (case.as_curl_command(), response.text)
+        if label not in READ_ROUTES:
+            expected = response.status_code == 403
+        elif label == "POST /batch":
+            sent = response.request.body or b""
+            expected = (response.status_code == 403) != only_get_ops(sent if isinstance(sent, bytes) else b"")
+        else:
+            expected = response.status_code != 403
+        assert expected, (case.as_curl_command(), response.status_code, response.text)
+        if response.status_code == 403:
+            assert response.json()["error"] == "forbidden"
+
+    _run(schema, label, mode, READ_ONLY_EXAMPLES, send)
+    assert sum(statuses.values()) > 0
+    if mode == GenerationMode.POSITIVE and label not in READ_ROUTES:
+        assert statuses == Counter({403: sum(statuses.values())}), statuses
+    if mode == GenerationMode.POSITIVE and label in READ_ROUTES - {"POST /batch"}:
+        assert sum(statuses[s] for s in REACHED[label]) > 0, (label, statuses)
 
 
 # Answers generated data rarely reaches, each checked against the schema like the generated ones.

@@ -50,9 +50,13 @@ REFUSALS: dict[str, Refusal] = {
     "keys file mode 0644": Refusal((r"kv\.keys", r"0644", r"chmod 600 \S+kv\.keys"), keys_mode=0o644),
     "keys file mode 0640": Refusal((r"chmod 600",), keys_mode=0o640),
     "short secret": Refusal((r"kv\.keys line 1", r"'k1'", r"too short"), keys=("k1 shortButSecretValue",)),
-    "malformed line": Refusal((r"kv\.keys line 3", r"two fields"),
+    "malformed line": Refusal((r"kv\.keys line 3", r"field 3 is not an option"),
                               keys=("# a comment", f"k1 {GOOD}", f"k2 {OTHER} trailing-field")),
     "malformed line after a blank": Refusal((r"kv\.keys line 3",), keys=(f"k1 {GOOD}", "", f"k2={OTHER}")),
+    "bad role": Refusal((r"kv\.keys line 2", r"role must be read, write or admin"),
+                        keys=(f"k1 {GOOD}", f"k2 {OTHER} role=owner")),
+    "prefix given twice": Refusal((r"kv\.keys line 1", r"prefix is given more than once"),
+                                  keys=(f"k1 {GOOD} prefix=a/ prefix=b/",)),
     "bad key id": Refusal((r"kv\.keys line 1", r"key id"), keys=(f"k/1 {OTHER}",)),
     "duplicate key id": Refusal((r"kv\.keys line 2", r"duplicate key id 'k1'"), keys=(f"k1 {GOOD}", f"k1 {OTHER}")),
     "no keys at all": Refusal((r"kv\.keys", r"no keys"), keys=("# only a comment",)),
@@ -132,7 +136,7 @@ def test_a_missing_keys_file_is_created_with_one_fresh_key(tmp_path: Path, exerc
         assert m, text
         secret = m.group(1)
         with KVClient(proc.base_url, Signer("default", secret.encode())) as c:
-            assert c.authorize() == {"authorized": True, "key_id": "default"}
+            assert c.authorize() == {"authorized": True, "key_id": "default", "role": "admin", "prefix": None}
         assert proc.stop() == 0, proc.lines
     log = "\n".join(proc.lines)
     assert str(keys) in log
@@ -147,7 +151,7 @@ def test_an_existing_keys_file_is_left_as_it_is(tmp_path: Path) -> None:
     with ServerProcess.start(2, config) as proc:
         proc.wait_listening()
         with KVClient(proc.base_url, Signer("k2", OTHER.encode())) as c:
-            assert c.authorize() == {"authorized": True, "key_id": "k2"}
+            assert c.authorize() == {"authorized": True, "key_id": "k2", "role": "admin", "prefix": None}
         assert proc.stop() == 0, proc.lines
     assert keys.read_bytes() == before
     assert not any("created keys file" in line for line in proc.lines)

@@ -449,7 +449,7 @@ def test_load_keys_creates_a_missing_file(tmp_path: Path, caplog: pytest.LogCapt
     path = tmp_path / "secrets" / "kv.keys"
     caplog.set_level(logging.DEBUG)
 
-    keys = load_keys(path)
+    keys = load_keys(path).secrets
 
     assert list(keys) == ["default"]
     secret = keys["default"].decode("ascii")
@@ -461,12 +461,12 @@ def test_load_keys_creates_a_missing_file(tmp_path: Path, caplog: pytest.LogCapt
     assert secret not in caplog.text
     assert all(secret not in str(r.args) for r in caplog.records)
     # a second start uses the same key, it does not make a new one
-    assert load_keys(path) == keys
+    assert load_keys(path).secrets == keys
 
 
 def test_load_keys_makes_a_new_secret_each_time(tmp_path: Path) -> None:
-    a = load_keys(tmp_path / "a" / "kv.keys")["default"]
-    b = load_keys(tmp_path / "b" / "kv.keys")["default"]
+    a = load_keys(tmp_path / "a" / "kv.keys").secrets["default"]
+    b = load_keys(tmp_path / "b" / "kv.keys").secrets["default"]
     assert a != b
 
 
@@ -478,7 +478,7 @@ def test_load_keys_without_create_refuses_a_missing_file(tmp_path: Path) -> None
 
 
 def test_load_keys_reads_the_conftest_file(keys_file: Path) -> None:
-    assert load_keys(keys_file) == {TEST_KEY_ID: TEST_SECRET}
+    assert load_keys(keys_file).secrets == {TEST_KEY_ID: TEST_SECRET}
 
 
 GOOD = "s" * 32
@@ -491,10 +491,29 @@ SECRET_LIKE = "S3cr3t-" * 6  # 42 printable characters: must never be echoed
         pytest.param([f"k1 {SECRET_LIKE}"], 0o640, "run: chmod 600 ", id="group-readable"),
         pytest.param([f"k1 {SECRET_LIKE}"], 0o604, "run: chmod 600 ", id="other-readable"),
         pytest.param([f"k1 {SECRET_LIKE}"], 0o620, "run: chmod 600 ", id="group-writable"),
-        pytest.param(["# header", f"k1 {GOOD}", SECRET_LIKE], 0o600, "line 3: expected '<key_id> <secret>'",
+        pytest.param(["# header", f"k1 {GOOD}", SECRET_LIKE], 0o600,
+                     "line 3: expected '<key_id> <secret> [role=R] [prefix=P]'",
                      id="one-field"),
-        pytest.param(["", f"k1 {SECRET_LIKE} extra"], 0o600, "line 2: expected '<key_id> <secret>'",
-                     id="three-fields"),
+        pytest.param(["", f"k1 {SECRET_LIKE} extra"], 0o600, "line 2: option 'extra' is not an option",
+                     id="third-field-not-an-option"),
+        pytest.param([f"k1 {SECRET_LIKE} {SECRET_LIKE}"], 0o600, "line 1: field 3 is not an option",
+                     id="second-secret-is-not-echoed"),
+        pytest.param([f"k1 {GOOD} colour=red"], 0o600, "line 1: option 'colour' is not an option", id="unknown-option"),
+        pytest.param([f"k1 {GOOD} Role=read"], 0o600, "line 1: field 3 is not an option",
+                     id="option-names-are-lower-case"),
+        pytest.param([f"k1 {GOOD} role=owner"], 0o600, "line 1: role must be read, write or admin", id="bad-role"),
+        pytest.param([f"k1 {GOOD} role="], 0o600, "line 1: role must be read, write or admin", id="empty-role"),
+        pytest.param([f"k1 {GOOD} role=read role=read"], 0o600, "line 1: role is given more than once",
+                     id="role-twice"),
+        pytest.param([f"k1 {GOOD} prefix=a/ role=write prefix=b/"], 0o600, "line 1: prefix is given more than once",
+                     id="prefix-twice"),
+        pytest.param([f"k1 {GOOD} prefix="], 0o600, "line 1: prefix must not be empty", id="empty-prefix"),
+        pytest.param([f"k1 {GOOD} prefix=%ff/"], 0o600, "line 1: prefix does not percent-decode to UTF-8",
+                     id="prefix-not-utf8"),
+        pytest.param([f"k1 {GOOD} prefix=50%/"], 0o600, "line 1: prefix has a '%' that is not followed by two hex",
+                     id="prefix-bad-escape"),
+        pytest.param([f"k1 {GOOD}", f"k2 {SECRET_LIKE} role=reader"], 0o600, "line 2: role must be",
+                     id="bad-role-on-second-line"),
         pytest.param([f"k1 {SECRET_LIKE[:31]}"], 0o600, "line 1: secret for key id 'k1' is too short (31 characters",
                      id="short-secret"),
         pytest.param([f"k1 {SECRET_LIKE}", f"k2 {GOOD}", f"k1 {SECRET_LIKE}"], 0o600, "line 3: duplicate key id 'k1'",
@@ -505,7 +524,8 @@ SECRET_LIKE = "S3cr3t-" * 6  # 42 printable characters: must never be echoed
                      id="control-char-in-secret"),
         pytest.param([f"k1 {SECRET_LIKE[:16]}\x0c{SECRET_LIKE[16:]}"], 0o600,
                      "line 1: secret for key id 'k1' must be printable ASCII", id="form-feed-inside-secret"),
-        pytest.param(["# a\x0bcomment", f"k1 {SECRET_LIKE}", "k2"], 0o600, "line 3: expected '<key_id> <secret>'",
+        pytest.param(["# a\x0bcomment", f"k1 {SECRET_LIKE}", "k2"], 0o600,
+                     "line 3: expected '<key_id> <secret> [role=R] [prefix=P]'",
                      id="vertical-tab-does-not-shift-line-numbers"),
         pytest.param(["# no keys yet", "", "   "], 0o600, ": no keys", id="no-keys"),
         pytest.param([], 0o600, ": no keys", id="empty-file"),
@@ -514,7 +534,8 @@ SECRET_LIKE = "S3cr3t-" * 6  # 42 printable characters: must never be echoed
         pytest.param([f"\x0ck1 {SECRET_LIKE}"], 0o600, "line 1: key id must match", id="form-feed-before-key-id"),
         pytest.param([f"k1 {SECRET_LIKE}\x7f"], 0o600, "line 1: secret for key id 'k1' must be printable ASCII",
                      id="delete-just-above-tilde"),
-        pytest.param([f"k1 {SECRET_LIKE[:20]} {SECRET_LIKE[20:]}"], 0o600, "line 1: expected '<key_id> <secret>'",
+        pytest.param([f"k1 {SECRET_LIKE[:20]} {SECRET_LIKE[20:]}"], 0o600,
+                     "line 1: secret for key id 'k1' is too short (20 characters",
                      id="space-just-below-bang-separates"),
     ],
 )
@@ -559,15 +580,15 @@ def test_comments_and_blank_lines_are_skipped(tmp_path: Path) -> None:
         ["# rotation in progress", "", f"old {GOOD}", "   ", "  # indented comment", f"new.key_2 {SECRET_LIKE}",
          "\t"],
     )
-    assert load_keys(path) == {"old": GOOD.encode(), "new.key_2": SECRET_LIKE.encode()}
+    assert load_keys(path).secrets == {"old": GOOD.encode(), "new.key_2": SECRET_LIKE.encode()}
 
 
 def test_secret_of_exactly_32_characters_is_enough() -> None:
-    assert parse_keys(f"k1 {GOOD}\n", label="x") == {"k1": GOOD.encode("ascii")}
+    assert parse_keys(f"k1 {GOOD}\n", label="x").secrets == {"k1": GOOD.encode("ascii")}
 
 
 def test_secret_is_used_as_its_ascii_bytes() -> None:
-    keys = parse_keys("k1 " + "a" * 64, label="x")
+    keys = parse_keys("k1 " + "a" * 64, label="x").secrets
     assert signature(keys["k1"], "msg") == signature(TEST_SECRET, "msg")
 
 
@@ -844,17 +865,17 @@ def test_nonce_store_floor_never_falls_when_an_older_entry_is_dropped_later() ->
 
 def test_secret_may_use_the_first_and_last_printable_characters() -> None:
     secret = "!~" * 16
-    assert parse_keys(f"k1 {secret}\n", label="x") == {"k1": secret.encode("ascii")}
+    assert parse_keys(f"k1 {secret}\n", label="x").secrets == {"k1": secret.encode("ascii")}
 
 
 def test_crlf_keys_file_and_x_at_either_end_of_a_field() -> None:
     text = f"XkeyX {'X' * 40}\r\nk2 {GOOD}X\r\n"
-    assert parse_keys(text, label="x") == {"XkeyX": b"X" * 40, "k2": (GOOD + "X").encode()}
+    assert parse_keys(text, label="x").secrets == {"XkeyX": b"X" * 40, "k2": (GOOD + "X").encode()}
 
 
 def test_load_keys_creates_the_folders_and_the_file_with_private_modes(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "kv.keys"
-    assert list(load_keys(path)) == ["default"]
+    assert list(load_keys(path).secrets) == ["default"]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
 
@@ -862,7 +883,7 @@ def test_load_keys_creates_the_folders_and_the_file_with_private_modes(tmp_path:
 def test_load_keys_creates_the_file_in_an_existing_folder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="kvtornado.auth")
     path = tmp_path / "kv.keys"
-    keys = load_keys(path)
+    keys = load_keys(path).secrets
     assert list(keys) == ["default"] and len(keys["default"]) == 64
     messages = [r.getMessage() for r in caplog.records]
     assert messages == [f"created keys file {path} with one new key 'default'"]

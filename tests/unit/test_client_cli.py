@@ -30,7 +30,8 @@ ARGV_ARG_LIMIT = 128 * 1024  # Linux's MAX_ARG_STRLEN: no single argument can be
 @pytest.fixture(scope="module")
 def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("cli")
-    write_keys(folder / "keys" / "kv.keys", [f"{TEST_KEY_ID} {TEST_SECRET.decode()}"])
+    write_keys(folder / "keys" / "kv.keys", [f"{TEST_KEY_ID} {TEST_SECRET.decode()}",
+                                             f"dash {'d' * 40} role=read prefix=app%20one/"])
     return folder
 
 
@@ -76,6 +77,19 @@ def test_save_get_delete_and_the_admin_commands(config: Path, capsys: pytest.Cap
     assert isinstance(out_json(capsys)["flushed"], int)  # type: ignore[index]
     assert run(config, "stats") == 0
     assert "cache" in out_json(capsys)  # type: ignore[operator]
+
+
+def test_authorize_prints_the_role_and_prefix_and_a_refusal_is_the_403(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(config, "--key-id", "dash", "authorize") == 0
+    assert out_json(capsys) == {"authorized": True, "key_id": "dash", "role": "read", "prefix": "app one/"}
+    assert run(config, "authorize") == 0
+    assert out_json(capsys) == {"authorized": True, "key_id": TEST_KEY_ID, "role": "admin", "prefix": None}
+    assert run(config, "--key-id", "dash", "save", "app one/x", "1") == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: 403 {")
+    assert json.loads(err.removeprefix("error: 403 "))["error"] == "forbidden"
 
 
 def test_an_error_answer_is_the_servers_json_on_stderr(config: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -499,3 +499,25 @@ FORGED_SURROGATE = base64.urlsafe_b64encode(b'["","\\ud800"]').rstrip(b"=").deco
 def test_a_cursor_the_server_did_not_make_is_400(cursor: str) -> None:
     with pytest.raises(BadRequest, match="not one this server gave out"):
         _codec.decode_cursor(cursor, "")
+
+
+@pytest.mark.parametrize(
+    ("body", "only_gets"),
+    [
+        pytest.param(b'{"ops": [{"op": "get", "key": "a"}, {"op": "get"}]}', True, id="gets-even-invalid-ones"),
+        pytest.param(b'{"ops": [{"op": "get", "key": "a"}, {"op": "save", "key": "a"}]}', False, id="a-save"),
+        pytest.param(b'{"ops": [{"op": "delete"}]}', False, id="a-delete"),
+        pytest.param(b'{"ops": [{"op": "incr", "key": "a"}]}', False, id="an-incr"),
+        pytest.param(b'{"ops": [{"op": "GET", "key": "a"}]}', False, id="op-names-are-exact"),
+        pytest.param(b'{"ops": [7]}', False, id="an-element-that-is-no-op"),
+        pytest.param(b'{"ops": [{"key": "a"}]}', False, id="an-op-without-op"),
+        pytest.param(b'{"ops": []}', True, id="no-ops"),
+        pytest.param(b'{"ops": "get"}', True, id="ops-not-a-list"),
+        pytest.param(b'[{"op": "save"}]', True, id="not-an-object"),
+        pytest.param(b'{"ops": [{"op": "save"', True, id="not-json"),
+        pytest.param(b"", True, id="empty"),
+        pytest.param(b'{"ops": [{"op": "save"}], "ops": []}', True, id="repeated-member-is-invalid"),
+    ],
+)
+def test_only_get_ops(body: bytes, only_gets: bool) -> None:
+    assert _codec.only_get_ops(body) is only_gets
