@@ -235,7 +235,7 @@ class Connection(asyncio.Protocol):
 async def drive(spec: dict[str, Any]) -> dict[str, Any]:
     host_ip, port = spec["host"], int(spec["port"])
     host = f"{host_ip}:{port}"
-    secret = load_keys(Path(spec["keys_file"]), create=False)[KEY_ID]
+    secret = load_keys(Path(spec["keys_file"]), create=False).secrets[KEY_ID]
     check_signer(KEY_ID, secret, host)
     signer = FastSigner(KEY_ID, secret, host)
     build = request_builder(spec, signer, host)
