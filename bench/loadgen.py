@@ -11,6 +11,11 @@ finished response) and signs with an HMAC state precomputed over the constant pr
 
 It also counts every 2xx answer of every phase (``ok_total``: what /incr's exactness check compares with),
 and how busy other processes kept its own core.
+
+One workload looks at the answers, not just the status: ``keys`` pages through ``/keys?limit=100`` by
+following each answer's cursor (so a connection's next request depends on its last answer) and checks every
+page. A spec with ``count`` ends the measured phase after that many answers (``duration_s`` stays the
+bound in time).
 """
 
 from __future__ import annotations
@@ -26,17 +31,25 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.common import KEY_ID, core_busy_s, hot_keys, key_name, percentile, proc_cpu_s, rss_bytes, value_pool
 from kvtornado.auth import EMPTY_BODY_SHA256, SCHEME, load_keys, sign_request
+from kvtornado.codec import encode_cursor
 
-WORKLOADS = ("ping", "get", "save", "mix", "save_durable", "batch_get", "batch_save", "incr")
+WORKLOADS = ("ping", "get", "save", "mix", "save_durable", "batch_get", "batch_save", "incr", "keys")
 MIX_GET_SHARE = 0.9
 # Longest wait for one answer before it counts as an error (a hang) instead of blocking the bench.
 RESPONSE_TIMEOUT_S = 10.0
 MAX_ERROR_SAMPLES = 5
+# The keys workload: pages of this many keys; a walk through one prefix follows at most KEYS_WALK_PAGES cursors
+# before it starts again at a random place, so the pages read are spread over the whole key set.
+KEYS_LIMIT = 100
+KEYS_WALK_PAGES = 5
+# Keys a /keys bench writes that sqlite has never stored: key_name(i) + this suffix (sorts right after key i).
+PENDING_SUFFIX = "p"
 
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)", re.IGNORECASE)
 _CONNECTION_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
@@ -82,9 +95,24 @@ def _post(host: str, target: str, auth: str, body: bytes) -> bytes:
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode("ascii") + body
 
 
-def request_builder(spec: dict[str, Any], signer: FastSigner, host: str) -> Callable[[random.Random], bytes]:
-    """A function of a connection's RNG that returns the bytes of its next request."""
+Check = Callable[[bytes], str | None]  # an answer's body -> None when it is right, else what is wrong
+
+
+@dataclass
+class Traffic:
+    """What one connection sends: ``build(rng)`` makes the next request; ``check(body)`` looks at each 2xx
+    answer (None: it is right, else the error to count) and may keep state for the next ``build``."""
+
+    build: Callable[[random.Random], bytes]
+    check: Check | None = None
+    counts: Counter[str] = field(default_factory=Counter)  # what the checks saw, summed into the result
+
+
+def request_builder(spec: dict[str, Any], signer: FastSigner, host: str) -> Callable[[], Traffic]:
+    """A factory of each connection's ``Traffic``: most workloads are a function of the connection's RNG only."""
     workload = spec["workload"]
+    if workload == "keys":
+        return lambda: keys_traffic(spec, signer, host)
     seed = int(spec["seed"])
     hot = hot_keys(seed, int(spec["preloaded"]), int(spec["hot"]))
     key_space = int(spec["key_space"])
@@ -131,15 +159,59 @@ def request_builder(spec: dict[str, Any], signer: FastSigner, host: str) -> Call
         "ping": lambda rng: ping, "get": get, "save": save, "mix": mix, "save_durable": save_durable,
         "batch_get": batch_get, "batch_save": batch_save, "incr": incr,
     }
-    return builders[workload]
+    build = builders[workload]
+    return lambda: Traffic(build)
+
+
+def keys_traffic(spec: dict[str, Any], signer: FastSigner, host: str) -> Traffic:
+    """``GET /keys?prefix=P&limit=100[&cursor=C]``: a walk starts at a random place of the 1 000 000 keys
+    (a random prefix of 4, 5 or 6 characters, or no prefix and a cursor at a random key) and follows the
+    answers' cursors for up to ``KEYS_WALK_PAGES`` pages. Every page is checked: in order, under its prefix,
+    full unless it is the last. ``pending_only_keys`` counts the keys seen that only pending writes made."""
+    stored = int(spec["stored"])
+    state: dict[str, Any] = {"prefix": "", "cursor": None, "pages": 0}
+    counts: Counter[str] = Counter()
+    authorization = signer.authorization
+
+    def build(rng: random.Random) -> bytes:
+        if state["cursor"] is None or state["pages"] >= KEYS_WALK_PAGES:
+            start = key_name(rng.randrange(stored))
+            if rng.random() < 0.25:  # the whole key set, from a position a cursor names
+                state["prefix"], state["cursor"] = "", encode_cursor("", start)
+            else:
+                state["prefix"], state["cursor"] = start[: rng.choice((4, 5, 6))], None
+            state["pages"] = 0
+        query = f"prefix={state['prefix']}&limit={KEYS_LIMIT}"
+        if state["cursor"] is not None:
+            query += f"&cursor={state['cursor']}"  # base64url: nothing to percent-encode
+        auth = authorization("GET", "/keys", query, EMPTY_BODY_SHA256)
+        return f"GET /keys?{query} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\n\r\n".encode("ascii")
+
+    def check(body: bytes) -> str | None:
+        page = json.loads(body)
+        keys = [item["key"] for item in page["keys"]]
+        prefix = state["prefix"]
+        state["cursor"], state["pages"] = page["cursor"], state["pages"] + 1
+        counts["pages"] += 1
+        counts["keys"] += len(keys)
+        counts["pending_only_keys"] += sum(k.endswith(PENDING_SUFFIX) for k in keys)
+        if keys != sorted(keys) or not all(k.startswith(prefix) for k in keys):
+            return f"a page out of order or outside prefix {prefix!r}: {keys[:3]}..."
+        if page["cursor"] is not None and len(keys) != KEYS_LIMIT:
+            return f"a page of {len(keys)} keys with a next cursor (prefix {prefix!r})"
+        return None
+
+    return Traffic(build, check, counts)
 
 
 class Run:
     """Counters shared by the connections of one run; the phase flags are flipped by timers."""
 
-    def __init__(self) -> None:
+    def __init__(self, count: int | None = None) -> None:
         self.measuring = False
         self.stopping = False
+        self.count = count  # answers to measure; None: until the time is up
+        self.on_count: Callable[[], None] = lambda: None  # called once the measured answers reach ``count``
         self.latencies: list[float] = []
         self.warmup_requests = 0
         self.ok_total = 0  # 2xx answers in every phase (warm-up and drain included): what the server applied
@@ -155,9 +227,11 @@ class Run:
 class Connection(asyncio.Protocol):
     """One keep-alive connection with at most one request in flight."""
 
-    def __init__(self, run: Run, build: Callable[[random.Random], bytes], rng: random.Random) -> None:
+    def __init__(self, run: Run, traffic: Traffic, rng: random.Random) -> None:
         self.run = run
-        self.build = build
+        self.traffic = traffic
+        self.build = traffic.build
+        self.check = traffic.check
         self.rng = rng
         self.buf = b""
         self.sent_at = 0.0
@@ -207,10 +281,16 @@ class Connection(asyncio.Protocol):
         status = buf[9:12]
         if run.measuring:
             run.latencies.append(now - self.sent_at)
+            if run.count is not None and len(run.latencies) >= run.count:
+                run.on_count()
         elif not run.stopping:
             run.warmup_requests += 1
         if status[0:1] == b"2":
             run.ok_total += 1
+            if self.check is not None:
+                wrong = self.check(buf[end + 4 : total])
+                if wrong is not None:
+                    run.error("wrong_answer", wrong)
         else:
             run.error(status.decode("ascii", "replace"), buf[end + 4 : total].decode("utf-8", "replace"))
         if self.buf:
@@ -238,21 +318,22 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
     secret = load_keys(Path(spec["keys_file"]), create=False).secrets[KEY_ID]
     check_signer(KEY_ID, secret, host)
     signer = FastSigner(KEY_ID, secret, host)
-    build = request_builder(spec, signer, host)
+    traffic_for = request_builder(spec, signer, host)
     server_pid = spec.get("server_pid")
     server_core = spec.get("server_core")  # None when not pinned: then nobody else's load can be told apart
     client_core = spec.get("client_core")
     n = int(spec["connections"])
     loop = asyncio.get_running_loop()
-    run = Run()
+    run = Run(int(spec["count"]) if spec.get("count") else None)
     conns: list[Connection] = []
     for i in range(n):
         # One RNG per connection, seeded by name: the same seed gives every connection the same keys.
         rng = random.Random(f"{spec['seed']}:{spec['workload']}:{n}:{i}")
-        _, proto = await loop.create_connection(lambda rng=rng: Connection(run, build, rng), host_ip, port)
+        _, proto = await loop.create_connection(lambda rng=rng: Connection(run, traffic_for(), rng), host_ip, port)
         conns.append(proto)
 
     marks: dict[str, float] = {}
+    stopped = asyncio.Event()
 
     def start_measuring() -> None:
         marks["wall0"], marks["cpu0"] = perf_counter(), time.process_time()
@@ -265,6 +346,8 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
         run.measuring = True
 
     def stop_measuring() -> None:
+        if run.stopping:  # the count was reached before the time was up
+            return
         marks["wall1"], marks["cpu1"] = perf_counter(), time.process_time()
         if server_pid:
             marks["srv1"] = proc_cpu_s(server_pid)
@@ -274,15 +357,15 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
             marks["ccore1"] = core_busy_s(client_core)
         run.measuring = False
         run.stopping = True
+        stopped.set()
 
     warmup_s, duration_s = float(spec["warmup_s"]), float(spec["duration_s"])
+    run.on_count = stop_measuring
     loop.call_later(warmup_s, start_measuring)
     loop.call_later(warmup_s + duration_s, stop_measuring)
     for c in conns:
         c.send_next()
-    await asyncio.sleep(warmup_s + duration_s)
-    while not run.stopping:  # timers and sleep share a clock, but do not rely on their order
-        await asyncio.sleep(0.001)
+    await stopped.wait()  # the time is up (a timer) or the count was reached (an answer)
     await asyncio.wait([c.done for c in conns], timeout=RESPONSE_TIMEOUT_S)
     for c in conns:
         if not c.done.done():
@@ -324,6 +407,8 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
         "server_rss_mb": round(rss_bytes(server_pid) / 2**20, 1) if server_pid else None,
         "client_cpu_us_per_req": round(1e6 * client_cpu / count, 1) if count else None,
         "server_cpu_us_per_req": round(1e6 * server_cpu / count, 1) if count and server_pid else None,
+        # What the workload's answer checks counted (the keys workload: pages, keys, pending-only keys seen).
+        "seen": dict(sum((c.traffic.counts for c in conns), Counter())),
     }
 
 

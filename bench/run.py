@@ -1,6 +1,6 @@
 """The HTTP bench: exercise 3 (write-through sqlite) against exercise 4 (write-behind cache), as real processes.
 
-    python -m bench [--quick] [--duration S] [--connections 1,32] [--seed N] [--out DIR]
+    python -m bench [--quick] [--duration S] [--connections 1,32] [--seed N] [--cells grid,extra,...] [--out DIR]
     python bench/run.py ...            the same
     python -m bench flush              the flush-path micro-benchmark (bench/flush_bench.py)
 
@@ -12,7 +12,9 @@ core and the load generator (bench/loadgen.py, its own process) to the other wit
 did not stop cleanly: an honest bench has zero errors.
 
 Beside the grid (SPEC §9): /batch of 100 get and of 100 save ops, durable /save and /incr on one key at 16
-connections (both exercises). The report ends with issue 10's targets, each with its ratio to the target.
+connections (both exercises); /keys?limit=100 latency with 100 000 pending writes over 1 000 000 stored keys
+(bench/listing.py). ``--cells`` picks the groups. The report ends with issue 10's targets, each with its ratio
+to the target.
 """
 
 from __future__ import annotations
@@ -49,12 +51,17 @@ WORKLOAD_TITLES = {
     "ping": "GET /ping", "get": "GET /get (hot)", "save": "POST /save", "mix": "90/10 get/save",
     "save_durable": "POST /save?durable=1", "batch_get": "POST /batch, 100 get ops",
     "batch_save": "POST /batch, 100 save ops", "incr": "POST /incr, 1 hot key",
+    "keys": "GET /keys?limit=100 over 1.1M keys",
 }
 BATCH_OPS = 100
 # Durable /save and /incr (and the /save durable is compared with) run at this many connections.
 CONCURRENT = 16
-# The groups of cells --skip can leave out.
-GROUPS = ("grid", "extra")
+# The groups of cells --cells picks and --skip leaves out: the grid and the cells beside it on the 10 000-key
+# servers, and /keys on 1 000 000 keys (bench/listing.py).
+GROUPS = ("grid", "extra", "keys")
+KEYS_REQUESTS = 2_000  # measured /keys requests (a fixed count: the cell is about latency)
+# Issue 10's targets for the new cells.
+KEYS_P99_MS = 20.0
 PRELOADED_KEYS = 10_000
 HOT_KEYS = 1_000
 # /save draws from this many keys: the 10 000 preloaded ones are updated, the rest are inserted.
@@ -219,7 +226,7 @@ def run_cell(server: Server, folder: Path, workload: str, connections: int,
     }
     proc = subprocess.run(
         [*pin, sys.executable, "-m", "bench.loadgen"], cwd=ROOT, input=json.dumps(spec), capture_output=True,
-        text=True, timeout=args.warmup + args.duration + 120, check=False,
+        text=True, timeout=spec["warmup_s"] + spec["duration_s"] + 120, check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"load generator failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -276,7 +283,7 @@ def extra_cells(args: argparse.Namespace) -> list[tuple[str, int]]:
     """The cells beside the grid: (workload, connections)."""
     top = max(args.connections)
     cells = [("batch_get", top), ("batch_save", top)]
-    if CONCURRENT not in args.connections or "grid" in args.skip:
+    if CONCURRENT not in args.connections or "grid" not in args.cells:
         cells.append(("save", CONCURRENT))  # the non-durable /save the durable one is compared with
     return [*cells, ("save_durable", CONCURRENT), ("incr", CONCURRENT)]
 
@@ -314,8 +321,8 @@ def bench_exercise(exercise: int, work: Path, secret: str, args: argparse.Namesp
     cells: list[dict[str, Any]] = []
     stats: Any = None
     try:
-        plan = [] if "grid" in args.skip else [(w, n) for w in WORKLOADS for n in args.connections]
-        plan += [] if "extra" in args.skip else extra_cells(args)
+        plan = [] if "grid" not in args.cells else [(w, n) for w in WORKLOADS for n in args.connections]
+        plan += [] if "extra" not in args.cells else extra_cells(args)
         for workload, n in plan:
             spec_for, after = incr_hooks(server, secret) if workload == "incr" else (None, None)
             cells.append(measure(server, folder, workload, n, args, pins, spec_for=spec_for, after=after))
@@ -397,6 +404,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if durable is not None and plain:
         out.append(_target(f"durable /save ÷ /save, req/s, x{CONCURRENT}", durable / plain, 0.80, "at_least",
                            f"{durable:,.0f} vs {plain:,.0f} req/s"))
+    for exercise, what in ((4, "100k pending writes over 1M stored keys"),
+                           (3, "1M stored keys + 100k more saves (exercise 3, for comparison)")):
+        keys = _cell(results, exercise, "keys", 1)
+        if keys:
+            lat = keys["latency_ms"]
+            out.append(_target(f"/keys?limit=100 p99 ms, {what}, x1", lat["p99"], KEYS_P99_MS,
+                               "below", f"p50 {lat['p50']:.2f} ms, {keys['requests']:,} requests"))
     return out
 
 
@@ -405,7 +419,7 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
     ratios = []
     grid = [(w, n) for w in WORKLOADS for n in conns]
     extras = [(w, n) for w, n in results["params"]["extra_cells"]]
-    for workload, n in grid + [c for c in extras if c not in grid]:
+    for workload, n in grid + [c for c in extras if c not in grid] + [("keys", 1)]:
         c3, c4 = _cell(results, 3, workload, n), _cell(results, 4, workload, n)
         if c3 and c4:
             ratios.append({"workload": workload, "connections": n,
@@ -441,6 +455,9 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
         "ping_client_cpu_pct": {f"exercise{c['exercise']}": c["client_cpu_pct"] for c in pings},
         "errors": sum(c["errors"] for c in cells),
         "incr_mismatches": sum(c.get("incr_mismatches_all_attempts", 0) for c in cells),
+        # /keys on exercise 4: the writes must have stayed pending and shown up in the pages.
+        "pending_failures": [f"{run['name']}: {c['listing']}" for run in results["runs"] for c in run["cells"]
+                             if c.get("listing", {}).get("pending_ok") is False],
         "noisy_cells": noisy,
     }
 
@@ -475,7 +492,8 @@ def markdown(results: dict[str, Any]) -> str:
         out += ["", "Signed /get ÷ /ping on the same server (req/s): " + "; ".join(
             f"exercise {g['exercise']} x{g['connections']}: {g['ratio']:.2f}" for g in a["get_over_ping"]) + "."]
     if a["targets"]:
-        out += ["", "Targets (exercise 4; measured ÷ target: at least 1 is met for a floor, below 1 for a ceiling):",
+        out += ["", "Targets (exercise 4 unless the row says otherwise; measured ÷ target: at least 1 is met for a "
+                "floor, below 1 for a ceiling):",
                 "", "| target | measured | target | measured ÷ target | |", "| --- | ---: | ---: | ---: | --- |"]
         for t in a["targets"]:
             goal = f"≥ {t['goal']:,g}" if t["kind"] == "at_least" else f"< {t['goal']:,g}"
@@ -491,6 +509,20 @@ def markdown(results: dict[str, Any]) -> str:
                            + ("ok." if check["exact"] else "MISMATCH.")
                            + (f" ({c['incr_mismatches_all_attempts']} attempt(s) MISMATCHED.)"
                               if c.get("incr_mismatches_all_attempts") else ""))
+    for run in results["runs"]:
+        for c in run["cells"]:
+            li = c.get("listing")
+            if li:
+                out.append(
+                    f"{run['name']} /keys: {li['pages']:,} pages, {li['keys']:,} keys listed, "
+                    f"{li['pending_only_keys_seen']:,} of them only written by the {li['pending_writes']:,} saves"
+                    + (f"; pending before / after the measure: {li['dirty_before']:,} / {li['dirty_after']:,} — "
+                       + ("ok." if li["pending_ok"] else "NOT PENDING as the cell requires.")
+                       if li["pending_ok"] is not None else " (written through: nothing pending on exercise 3).")
+                    + f" Saves took {li['write_s']:.1f} s, the 1M-row file's copy {li['copy_s']:.1f} s.")
+    if "keys_preload_s" in results:
+        out.append(f"/keys: preloading {results['keys_preload_rows']:,} rows into sqlite took "
+                   f"{results['keys_preload_s']:.1f} s.")
     pings = ", ".join(f"{k} server {v}% / load generator {a['ping_client_cpu_pct'][k]}%"
                       for k, v in a["ping_server_cpu_pct"].items())
     verdict = "COULD HAVE BEEN the bottleneck" if a["loadgen_bottleneck"] else "was not the bottleneck"
@@ -582,7 +614,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    f"{NOISY_PCT:.0f}%% of the server's or the load generator's core (default 2, 1 with --quick)")
     p.add_argument("--noise-pause", type=float,
                    help=f"seconds to wait before re-running a noisy cell (default {NOISE_PAUSE_S:g}, 2 with --quick)")
+    p.add_argument("--cells", default=",".join(GROUPS),
+                   help=f"comma-separated groups of cells to run (default: all of {', '.join(GROUPS)})")
     p.add_argument("--skip", default="", help=f"comma-separated groups of cells to leave out: {', '.join(GROUPS)}")
+    p.add_argument("--keys-requests", type=int, default=KEYS_REQUESTS,
+                   help="measured /keys requests of the keys cells (default: %(default)s)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder (default: %(default)s)")
     args = p.parse_args(argv)
     args.duration = args.duration if args.duration is not None else (3.0 if args.quick else 10.0)
@@ -600,7 +636,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.skip = {x.strip() for x in args.skip.split(",") if x.strip()}
     if args.skip - set(GROUPS):
         p.error(f"--skip takes {', '.join(GROUPS)}, got {', '.join(sorted(args.skip - set(GROUPS)))}")
+    picked = {x.strip() for x in args.cells.split(",") if x.strip()}
+    if picked - set(GROUPS):
+        p.error(f"--cells takes {', '.join(GROUPS)}, got {', '.join(sorted(picked - set(GROUPS)))}")
+    args.cells = picked - args.skip
+    if not args.cells:
+        p.error("--cells and --skip leave no cell to run")
+    if args.keys_requests < 1:
+        p.error("--keys-requests must be >= 1")
     return args
+
+
+def run_listing(results: dict[str, Any], work: Path, secret: str, args: argparse.Namespace,
+                pins: tuple[list[str], list[str]]) -> None:
+    from bench import listing  # imports this module: not at the top
+
+    log(f"/keys: preloading {listing.STORED:,} rows into sqlite")
+    base, seconds = listing.preload_base(work, args.seed)
+    results["keys_preload_s"], results["keys_preload_rows"] = round(seconds, 1), listing.STORED
+    log(f"  {seconds:.1f} s")
+    for exercise in EXERCISES:
+        log(f"exercise {exercise}: /keys over {listing.STORED:,} stored keys and {listing.PENDING:,} more saves")
+        results["runs"].append(listing.bench_listing(exercise, work, base, secret, args, pins))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -614,8 +671,10 @@ def main(argv: list[str] | None = None) -> int:
                    "preloaded_keys": PRELOADED_KEYS, "hot_keys": HOT_KEYS,
                    "key_space": KEY_SPACE, "value_bytes": 100, "synchronous": "FULL",
                    "server_pin": " ".join(pins[0]), "client_pin": " ".join(pins[1]),
-                   "skip": sorted(args.skip), "batch_ops": BATCH_OPS, "concurrent": CONCURRENT,
-                   "extra_cells": [] if "extra" in args.skip else extra_cells(args),
+                   "skip": sorted(args.skip), "cells": [g for g in GROUPS if g in args.cells],
+                   "batch_ops": BATCH_OPS, "concurrent": CONCURRENT,
+                   "extra_cells": [] if "extra" not in args.cells else extra_cells(args),
+                   "keys_requests": args.keys_requests,
                    "noisy_pct": NOISY_PCT},
         "environment": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "loadavg_before": list(os.getloadavg()), "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
@@ -624,10 +683,13 @@ def main(argv: list[str] | None = None) -> int:
     if not pins[0]:
         log("warning: taskset or a second core is missing: server and load generator share the CPU")
     with tempfile.TemporaryDirectory(prefix="kvbench-") as tmp:
-        if not {"grid", "extra"} <= args.skip:
+        work = Path(tmp)
+        if {"grid", "extra"} & args.cells:
             for exercise in EXERCISES:
                 log(f"exercise {exercise}: preloading {PRELOADED_KEYS} keys and starting the server")
-                results["runs"].append(bench_exercise(exercise, Path(tmp), secret, args, pins))
+                results["runs"].append(bench_exercise(exercise, work, secret, args, pins))
+        if "keys" in args.cells:
+            run_listing(results, work, secret, args, pins)
     results["environment"]["seconds"] = round(time.time() - started, 1)
     results["analysis"] = analyse(results)
     text = markdown(results)
@@ -647,6 +709,9 @@ def main(argv: list[str] | None = None) -> int:
                 if c["errors"]:
                     log(f"  {run['name']} {c['workload']} x{c['connections']}: {c['errors_by_kind']} "
                         f"e.g. {c['error_samples'][:2]}")
+    for failure in results["analysis"]["pending_failures"]:
+        failed = True
+        log(f"FAILED: /keys was not measured over pending writes: {failure}")
     if results["analysis"]["incr_mismatches"]:
         failed = True
         log(f"FAILED: {results['analysis']['incr_mismatches']} /incr cell attempt(s) ended with a counter that "
