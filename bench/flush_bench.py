@@ -6,7 +6,9 @@
 For synchronous NORMAL and FULL, on a 100 000-row table: make 10 000 and 100 000 keys dirty (random updates of
 existing rows, or new keys), then time ``flush()`` (rows/s) while a 1 ms ticker on the same event loop measures
 how late it wakes up (event-loop lag: what every request waits on while the flush runs). Then the memory cost
-of the read cache: RSS growth per clean entry for 100 000 entries with 100-byte values.
+of the read cache: RSS growth per clean entry for 100 000 entries with 100-byte values, each with its version
+and an expiry (issue 10's "≤ 400 bytes an entry" is about such entries; ``bench/run.py --cells memory`` runs
+the same measure and puts it in its targets table).
 """
 
 from __future__ import annotations
@@ -42,12 +44,17 @@ FLUSH_BATCH = CacheConfig().flush_batch_size
 FILL_CONFIG = CacheConfig(max_entries=2 * TABLE_ROWS, flush_interval_ms=3_600_000, flush_batch_size=10**9,
                           max_dirty=10**9, durable_timeout_ms=600_000)
 READ_BATCH = 1000
+# The memory measure's rows expire a day after the preload: far beyond the run, but every entry carries an
+# expires_at (a float object of its own) as a key saved with ?ttl= does.
+MEMORY_TTL_S = 86_400
+WARM_STRIDE = 20  # fewer rows than fit a 4 KiB leaf page (about 30 rows of 140 bytes)
 
 
-async def build_table(path: Path, synchronous: str, seed: int) -> SqliteStore:
+async def build_table(path: Path, synchronous: str, seed: int, rows: int = TABLE_ROWS,
+                      expires_at: float | None = None) -> SqliteStore:
     store = SqliteStore(path, synchronous=synchronous)
     await store.open()
-    await preload_rows(store, seed, TABLE_ROWS)
+    await preload_rows(store, seed, rows, expires_at=expires_at)
     return store
 
 
@@ -113,62 +120,78 @@ async def flush_case(folder: Path, synchronous: str, dirty: int, kind: str, seed
     }
 
 
-async def fill_cache(cache: WriteBehindCache) -> float:
+async def fill_cache(cache: WriteBehindCache, entries: int) -> float:
     """``get()`` every preloaded key (each a miss, then a clean entry); returns the seconds it took."""
     t0 = time.perf_counter()
-    for start in range(0, TABLE_ROWS, READ_BATCH):
+    for start in range(0, entries, READ_BATCH):
         # Key strings are made here and kept only by the cache, as they would be in the server.
-        await asyncio.gather(*(cache.get(key_name(i)) for i in range(start, start + READ_BATCH)))
+        await asyncio.gather(*(cache.get(key_name(i)) for i in range(start, min(entries, start + READ_BATCH))))
     return time.perf_counter() - t0
 
 
-async def memory_child(db: Path) -> dict[str, Any]:
+async def memory_child(db: Path, entries: int, trace: bool) -> dict[str, Any]:
     """Runs in a fresh process, so memory freed by earlier work cannot be reused and hide the growth."""
     store = SqliteStore(db, synchronous="NORMAL")
     await store.open()
-    cache = WriteBehindCache(store, replace(FILL_CONFIG, max_entries=TABLE_ROWS))
+    cache = WriteBehindCache(store, replace(FILL_CONFIG, max_entries=entries))
+    # sqlite's page cache (2 MB a connection by default) fills up during the first reads: fill it before the
+    # measure, so its growth does not count as the cache's (a read of every WARM_STRIDE-th key walks every leaf).
+    for i in range(0, entries, WARM_STRIDE):
+        await store.read(key_name(i))
     gc.collect()
     before = rss_bytes()
-    fill_s = await fill_cache(cache)
+    fill_s = await fill_cache(cache, entries)
     gc.collect()
     after = rss_bytes()
-    entries = cache.stats()["cache"]["clean"]
+    cached = cache.stats()["cache"]["clean"]
+    # What each entry holds: a version and an expiry beside the value (read after the measure: a hit).
+    sample = await cache.get_record(key_name(entries - 1))
+    shape = {"version": sample.version if sample else None, "expires_at": sample.expires_at if sample else None}
     await cache.stop(5)
+    if not trace:
+        await store.close()
+        return {"entries": cached, "before": before, "after": after, "fill_s": fill_s, "traced": None,
+                "sample": shape}
     # The same fill again, traced: bytes Python allocated, without the allocator's slack or sqlite's page cache.
     cache = WriteBehindCache(store, replace(FILL_CONFIG, max_entries=TABLE_ROWS))
     gc.collect()
     tracemalloc.start()
     traced0 = tracemalloc.get_traced_memory()[0]
-    await fill_cache(cache)
+    await fill_cache(cache, entries)
     gc.collect()
     traced = tracemalloc.get_traced_memory()[0] - traced0
     tracemalloc.stop()
     await cache.stop(5)
     await store.close()
-    return {"entries": entries, "before": before, "after": after, "fill_s": fill_s, "traced": traced}
+    return {"entries": cached, "before": before, "after": after, "fill_s": fill_s, "traced": traced,
+            "sample": shape}
 
 
-async def memory_case(folder: Path, seed: int) -> dict[str, Any]:
-    """RSS growth per clean cache entry: 100 000 ``get()`` misses of preloaded keys, each then cached."""
+async def memory_case(folder: Path, seed: int, *, entries: int = TABLE_ROWS, traced: bool = True) -> dict[str, Any]:
+    """RSS growth per clean cache entry: ``entries`` ``get()`` misses of preloaded keys, each then cached with
+    its value, version and expiry. ``traced``: the same fill again under tracemalloc (slow: about 2x the fill)."""
     pool = value_pool(seed)
-    db = folder / "memory.sqlite3"
-    store = await build_table(db, "NORMAL", seed)
+    db = folder / f"memory-{entries}.sqlite3"
+    store = await build_table(db, "NORMAL", seed, entries, expires_at=time.time() + MEMORY_TTL_S)
     await store.close()
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.flush_bench", "--memory-child", str(db), cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "bench.flush_bench", "--memory-child", str(db), "--memory-entries", str(entries),
+        *([] if traced else ["--memory-untraced"]), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await child.communicate()
     if child.returncode != 0:
         raise RuntimeError(f"the memory measurement failed (exit status {child.returncode})")
     m = json.loads(out)
-    if m["entries"] != TABLE_ROWS:
-        raise RuntimeError(f"expected {TABLE_ROWS} clean entries, the cache holds {m['entries']}")
+    if m["entries"] != entries:
+        raise RuntimeError(f"expected {entries} clean entries, the cache holds {m['entries']}")
+    if not m["sample"]["version"] or m["sample"]["expires_at"] is None:
+        raise RuntimeError(f"a cached entry lacks its version or expiry: {m['sample']}")
     sample_key, sample_value = key_name(0), json.dumps(preload_value(pool, 0))
     return {
         "entries": m["entries"], "value_bytes": len(sample_value), "rss_before_mb": round(m["before"] / 2**20, 1),
-        "rss_after_mb": round(m["after"] / 2**20, 1), "bytes_per_entry": round((m["after"] - m["before"]) / TABLE_ROWS),
-        "traced_bytes_per_entry": round(m["traced"] / TABLE_ROWS),
+        "rss_after_mb": round(m["after"] / 2**20, 1), "bytes_per_entry": round((m["after"] - m["before"]) / entries),
+        "traced_bytes_per_entry": round(m["traced"] / entries) if m["traced"] is not None else None,
+        "with_version_and_expiry": True,
         "key_and_value_objects_bytes": sys.getsizeof(sample_key) + sys.getsizeof(sample_value),
         "miss_fill_us_per_key": round(m["fill_s"] / TABLE_ROWS * 1e6, 1),
     }
@@ -192,6 +215,8 @@ def markdown(results: dict[str, Any]) -> str:
                    f"| {lag['p99_ms']:.3f} | {lag['max_ms']:.3f} |")
     m = results["memory"]
     out += [
+        "",
+        "Read cache memory, each entry with its version and an expires_at:",
         "",
         "| clean entries | value bytes (JSON) | RSS before MB | RSS after MB | RSS bytes/entry "
         "| traced bytes/entry | key+value objects bytes | miss-and-fill µs/key |",
@@ -229,9 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder (default: %(default)s)")
     p.add_argument("--memory-child", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--memory-entries", type=int, default=TABLE_ROWS, help=argparse.SUPPRESS)
+    p.add_argument("--memory-untraced", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child is not None:
-        print(json.dumps(asyncio.run(memory_child(args.memory_child))))
+        print(json.dumps(asyncio.run(memory_child(args.memory_child, args.memory_entries,
+                                                  not args.memory_untraced))))
         return 0
     with tempfile.TemporaryDirectory(prefix="kvbench-flush-") as tmp:
         results = asyncio.run(run_all(args, Path(tmp)))

@@ -13,8 +13,8 @@ did not stop cleanly: an honest bench has zero errors.
 
 Beside the grid (SPEC §9): /batch of 100 get and of 100 save ops, durable /save and /incr on one key at 16
 connections (both exercises); /keys?limit=100 latency with 100 000 pending writes over 1 000 000 stored keys
-(bench/listing.py). ``--cells`` picks the groups. The report ends with issue 10's targets, each with its ratio
-to the target.
+(bench/listing.py); the read cache's memory per entry (bench/flush_bench.py's measure). ``--cells`` picks the
+groups. The report ends with issue 10's targets, each with its ratio to the target.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as ``python bench/run.py``: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import flush_bench
 from bench.common import KEY_ID, ROOT, preload_rows
 from kvtornado.client import KVClient, KVClientError, Signer
 from kvtornado.store import SqliteStore
@@ -57,11 +58,13 @@ BATCH_OPS = 100
 # Durable /save and /incr (and the /save durable is compared with) run at this many connections.
 CONCURRENT = 16
 # The groups of cells --cells picks and --skip leaves out: the grid and the cells beside it on the 10 000-key
-# servers, and /keys on 1 000 000 keys (bench/listing.py).
-GROUPS = ("grid", "extra", "keys")
+# servers, /keys on 1 000 000 keys (bench/listing.py), the read cache's memory per entry.
+GROUPS = ("grid", "extra", "keys", "memory")
 KEYS_REQUESTS = 2_000  # measured /keys requests (a fixed count: the cell is about latency)
+MEMORY_ENTRIES = 100_000
 # Issue 10's targets for the new cells.
 KEYS_P99_MS = 20.0
+MEMORY_BYTES_PER_ENTRY = 400.0
 PRELOADED_KEYS = 10_000
 HOT_KEYS = 1_000
 # /save draws from this many keys: the 10 000 preloaded ones are updated, the rest are inserted.
@@ -366,8 +369,9 @@ def bottleneck(cell: dict[str, Any]) -> str:
 
 
 def _target(name: str, measured: float, goal: float, kind: str, detail: str) -> dict[str, Any]:
-    """One target row: ``kind`` is ``at_least`` (met when measured >= goal) or ``below`` (measured < goal)."""
-    met = measured >= goal if kind == "at_least" else measured < goal
+    """One target row: ``kind`` is ``at_least`` (met when measured >= goal), ``below`` (measured < goal) or
+    ``at_most`` (measured <= goal)."""
+    met = {"at_least": measured >= goal, "below": measured < goal, "at_most": measured <= goal}[kind]
     return {"target": name, "measured": round(measured, 3), "goal": goal, "kind": kind,
             "ratio_to_goal": round(measured / goal, 3) if goal else None, "met": met, "detail": detail}
 
@@ -411,6 +415,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             lat = keys["latency_ms"]
             out.append(_target(f"/keys?limit=100 p99 ms, {what}, x1", lat["p99"], KEYS_P99_MS,
                                "below", f"p50 {lat['p50']:.2f} ms, {keys['requests']:,} requests"))
+    memory = results.get("memory")
+    if memory:
+        grown_mb = memory["rss_after_mb"] - memory["rss_before_mb"]
+        out.append(_target("read cache bytes/entry (RSS), 100-byte values, version and expiry",
+                           memory["bytes_per_entry"], MEMORY_BYTES_PER_ENTRY, "at_most",
+                           f"{memory['entries']:,} entries, RSS +{grown_mb:.1f} MB"))
     return out
 
 
@@ -468,11 +478,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"kvtornado bench: {p['duration_s']:g} s per cell after {p['warmup_s']:g} s warm-up, seed {p['seed']}, "
         f"{PRELOADED_KEYS} preloaded keys ({HOT_KEYS} hot), 100-byte values, synchronous FULL, "
         f"server pinned to {p['server_pin'] or 'no core'}, load generator to {p['client_pin'] or 'no core'}.",
-        "",
-        "| server | workload | conns | req/s | p50 ms | p90 ms | p99 ms | errors | server CPU % | client CPU % "
-        "| server µs CPU/req | others on server / load generator core % | limited by |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+    if any(run["cells"] for run in results["runs"]):  # none when only the memory cell ran
+        out += [
+            "",
+            "| server | workload | conns | req/s | p50 ms | p90 ms | p99 ms | errors | server CPU % | client CPU % "
+            "| server µs CPU/req | others on server / load generator core % | limited by |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
     for run in results["runs"]:
         for c in run["cells"]:
             lat = c["latency_ms"]
@@ -496,7 +509,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "floor, below 1 for a ceiling):",
                 "", "| target | measured | target | measured ÷ target | |", "| --- | ---: | ---: | ---: | --- |"]
         for t in a["targets"]:
-            goal = f"≥ {t['goal']:,g}" if t["kind"] == "at_least" else f"< {t['goal']:,g}"
+            goal = {"at_least": "≥", "below": "<", "at_most": "≤"}[t["kind"]] + f" {t['goal']:,g}"
             measured = f"{t['measured']:,.0f}" if t["goal"] >= 100 else f"{t['measured']:,.2f}"
             out.append(f"| {t['target']} | {measured} ({t['detail']}) | {goal} | {t['ratio_to_goal']:.2f} "
                        f"| {'met' if t['met'] else 'MISSED'} |")
@@ -523,6 +536,12 @@ def markdown(results: dict[str, Any]) -> str:
     if "keys_preload_s" in results:
         out.append(f"/keys: preloading {results['keys_preload_rows']:,} rows into sqlite took "
                    f"{results['keys_preload_s']:.1f} s.")
+    memory = results.get("memory")
+    if memory:
+        out.append(f"Read cache memory: {memory['entries']:,} clean entries (100-byte values, each with a version "
+                   f"and an expires_at), RSS {memory['rss_before_mb']} → {memory['rss_after_mb']} MB: "
+                   f"{memory['bytes_per_entry']} bytes an entry (key + value objects alone: "
+                   f"{memory['key_and_value_objects_bytes']}); miss-and-fill {memory['miss_fill_us_per_key']} µs/key.")
     pings = ", ".join(f"{k} server {v}% / load generator {a['ping_client_cpu_pct'][k]}%"
                       for k, v in a["ping_server_cpu_pct"].items())
     verdict = "COULD HAVE BEEN the bottleneck" if a["loadgen_bottleneck"] else "was not the bottleneck"
@@ -552,7 +571,7 @@ def markdown(results: dict[str, Any]) -> str:
                    "even after re-runs): their numbers are low; re-run on a quiet machine: "
                    + "; ".join(f"{n['cell']} ({_pct(n['server_core_other_pct'])}% / "
                                f"{_pct(n['client_core_other_pct'])}%)" for n in a["noisy_cells"]) + ".")
-    else:
+    elif any(run["cells"] for run in results["runs"]):
         out.append(f"No cell was noisy (other processes took under {NOISY_PCT:.0f}% of either core in the attempt "
                    "kept).")
     load = results["environment"]["loadavg_before"]
@@ -619,6 +638,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip", default="", help=f"comma-separated groups of cells to leave out: {', '.join(GROUPS)}")
     p.add_argument("--keys-requests", type=int, default=KEYS_REQUESTS,
                    help="measured /keys requests of the keys cells (default: %(default)s)")
+    p.add_argument("--memory-entries", type=int, default=MEMORY_ENTRIES,
+                   help="cache entries of the memory cell (default: %(default)s; fewer inflate bytes/entry with "
+                   "the process's fixed growth)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder (default: %(default)s)")
     args = p.parse_args(argv)
     args.duration = args.duration if args.duration is not None else (3.0 if args.quick else 10.0)
@@ -642,8 +664,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.cells = picked - args.skip
     if not args.cells:
         p.error("--cells and --skip leave no cell to run")
-    if args.keys_requests < 1:
-        p.error("--keys-requests must be >= 1")
+    if args.keys_requests < 1 or args.memory_entries < 1:
+        p.error("--keys-requests and --memory-entries must be >= 1")
     return args
 
 
@@ -674,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
                    "skip": sorted(args.skip), "cells": [g for g in GROUPS if g in args.cells],
                    "batch_ops": BATCH_OPS, "concurrent": CONCURRENT,
                    "extra_cells": [] if "extra" not in args.cells else extra_cells(args),
-                   "keys_requests": args.keys_requests,
+                   "keys_requests": args.keys_requests, "memory_entries": args.memory_entries,
                    "noisy_pct": NOISY_PCT},
         "environment": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "loadavg_before": list(os.getloadavg()), "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
@@ -690,6 +712,11 @@ def main(argv: list[str] | None = None) -> int:
                 results["runs"].append(bench_exercise(exercise, work, secret, args, pins))
         if "keys" in args.cells:
             run_listing(results, work, secret, args, pins)
+        if "memory" in args.cells:
+            log(f"memory: {args.memory_entries:,} cache entries with a version and an expiry each")
+            results["memory"] = asyncio.run(flush_bench.memory_case(work, args.seed, entries=args.memory_entries,
+                                                                    traced=False))
+            log(f"  {results['memory']['bytes_per_entry']} bytes/entry")
     results["environment"]["seconds"] = round(time.time() - started, 1)
     results["analysis"] = analyse(results)
     text = markdown(results)
