@@ -12,15 +12,17 @@ finished response) and signs with an HMAC state precomputed over the constant pr
 It also counts every 2xx answer of every phase (``ok_total``: what /incr's exactness check compares with),
 and how busy other processes kept its own core.
 
-One workload looks at the answers, not just the status: ``keys`` pages through ``/keys?limit=100`` by
+Two workloads look at the answers, not just the status: ``keys`` pages through ``/keys?limit=100`` by
 following each answer's cursor (so a connection's next request depends on its last answer) and checks every
-page. A spec with ``count`` ends the measured phase after that many answers (``duration_s`` stays the
+page; ``etcd_range`` and ``etcd_put`` drive etcd's v3 JSON gateway, unsigned, and check each answer is the
+one asked for. A spec with ``count`` ends the measured phase after that many answers (``duration_s`` stays the
 bound in time).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -39,7 +41,10 @@ from bench.common import KEY_ID, core_busy_s, hot_keys, key_name, percentile, pr
 from kvtornado.auth import EMPTY_BODY_SHA256, SCHEME, load_keys, sign_request
 from kvtornado.codec import encode_cursor
 
-WORKLOADS = ("ping", "get", "save", "mix", "save_durable", "batch_get", "batch_save", "incr", "keys")
+WORKLOADS = ("ping", "get", "save", "mix", "save_durable", "batch_get", "batch_save", "incr", "keys",
+             "etcd_range", "etcd_put")
+# etcd's workloads are not signed: its gateway has no notion of our keys.
+UNSIGNED = frozenset({"etcd_range", "etcd_put"})
 MIX_GET_SHARE = 0.9
 # Longest wait for one answer before it counts as an error (a hang) instead of blocking the bench.
 RESPONSE_TIMEOUT_S = 10.0
@@ -108,11 +113,15 @@ class Traffic:
     counts: Counter[str] = field(default_factory=Counter)  # what the checks saw, summed into the result
 
 
-def request_builder(spec: dict[str, Any], signer: FastSigner, host: str) -> Callable[[], Traffic]:
+def request_builder(spec: dict[str, Any], signer: FastSigner | None, host: str) -> Callable[[], Traffic]:
     """A factory of each connection's ``Traffic``: most workloads are a function of the connection's RNG only."""
     workload = spec["workload"]
     if workload == "keys":
+        assert signer is not None
         return lambda: keys_traffic(spec, signer, host)
+    if workload.startswith("etcd_"):
+        return lambda: etcd_traffic(spec, host)
+    assert signer is not None
     seed = int(spec["seed"])
     hot = hot_keys(seed, int(spec["preloaded"]), int(spec["hot"]))
     key_space = int(spec["key_space"])
@@ -202,6 +211,40 @@ def keys_traffic(spec: dict[str, Any], signer: FastSigner, host: str) -> Traffic
         return None
 
     return Traffic(build, check, counts)
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def etcd_traffic(spec: dict[str, Any], host: str) -> Traffic:
+    """etcd's v3 JSON gateway (``/v3/kv/range``, ``/v3/kv/put``), keys and values base64 as it wants them:
+    a range of one of the hot keys (the answer must hold it), or a put of a random key of the key space (the
+    answer must carry a header). The same keys and 100-byte values as our /get and /save."""
+    seed = int(spec["seed"])
+    hot = [_b64(k) for k in hot_keys(seed, int(spec["preloaded"]), int(spec["hot"]))]
+    key_space = int(spec["key_space"])
+    pool = [_b64(v) for v in value_pool(seed)]
+    head = f"POST {{}} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: "
+
+    def post(path: str, body: bytes) -> bytes:
+        return f"{head.format(path)}{len(body)}\r\n\r\n".encode("ascii") + body
+
+    if spec["workload"] == "etcd_range":
+        def build(rng: random.Random) -> bytes:
+            return post("/v3/kv/range", f'{{"key":"{rng.choice(hot)}"}}'.encode("ascii"))
+
+        def check(body: bytes) -> str | None:
+            return None if b'"kvs":[' in body else "range found no key: " + body[:200].decode("utf-8", "replace")
+    else:
+        def build(rng: random.Random) -> bytes:
+            key = _b64(key_name(rng.randrange(key_space)))
+            return post("/v3/kv/put", f'{{"key":"{key}","value":"{rng.choice(pool)}"}}'.encode("ascii"))
+
+        def check(body: bytes) -> str | None:
+            return None if body.startswith(b'{"header":') else "put answered: " + body[:200].decode("utf-8", "replace")
+
+    return Traffic(build, check)
 
 
 class Run:
@@ -315,9 +358,11 @@ class Connection(asyncio.Protocol):
 async def drive(spec: dict[str, Any]) -> dict[str, Any]:
     host_ip, port = spec["host"], int(spec["port"])
     host = f"{host_ip}:{port}"
-    secret = load_keys(Path(spec["keys_file"]), create=False).secrets[KEY_ID]
-    check_signer(KEY_ID, secret, host)
-    signer = FastSigner(KEY_ID, secret, host)
+    signer = None
+    if spec["workload"] not in UNSIGNED:
+        secret = load_keys(Path(spec["keys_file"]), create=False).secrets[KEY_ID]
+        check_signer(KEY_ID, secret, host)
+        signer = FastSigner(KEY_ID, secret, host)
     traffic_for = request_builder(spec, signer, host)
     server_pid = spec.get("server_pid")
     server_core = spec.get("server_core")  # None when not pinned: then nobody else's load can be told apart

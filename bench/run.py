@@ -13,8 +13,9 @@ did not stop cleanly: an honest bench has zero errors.
 
 Beside the grid (SPEC §9): /batch of 100 get and of 100 save ops, durable /save and /incr on one key at 16
 connections (both exercises); /keys?limit=100 latency with 100 000 pending writes over 1 000 000 stored keys
-(bench/listing.py); the read cache's memory per entry (bench/flush_bench.py's measure). ``--cells`` picks the
-groups. The report ends with issue 10's targets, each with its ratio to the target.
+(bench/listing.py); the read cache's memory per entry (bench/flush_bench.py's measure); etcd's range and put
+through the same load generator (bench/etcd.py). ``--cells`` picks the groups. The report ends with issue 10's
+targets, each with its ratio to the target.
 """
 
 from __future__ import annotations
@@ -52,14 +53,15 @@ WORKLOAD_TITLES = {
     "ping": "GET /ping", "get": "GET /get (hot)", "save": "POST /save", "mix": "90/10 get/save",
     "save_durable": "POST /save?durable=1", "batch_get": "POST /batch, 100 get ops",
     "batch_save": "POST /batch, 100 save ops", "incr": "POST /incr, 1 hot key",
-    "keys": "GET /keys?limit=100 over 1.1M keys",
+    "keys": "GET /keys?limit=100 over 1.1M keys", "etcd_range": "etcd POST /v3/kv/range (hot)",
+    "etcd_put": "etcd POST /v3/kv/put (durable)",
 }
 BATCH_OPS = 100
 # Durable /save and /incr (and the /save durable is compared with) run at this many connections.
 CONCURRENT = 16
 # The groups of cells --cells picks and --skip leaves out: the grid and the cells beside it on the 10 000-key
-# servers, /keys on 1 000 000 keys (bench/listing.py), the read cache's memory per entry.
-GROUPS = ("grid", "extra", "keys", "memory")
+# servers, /keys on 1 000 000 keys (bench/listing.py), the read cache's memory per entry, etcd (bench/etcd.py).
+GROUPS = ("grid", "extra", "keys", "memory", "etcd")
 KEYS_REQUESTS = 2_000  # measured /keys requests (a fixed count: the cell is about latency)
 MEMORY_ENTRIES = 100_000
 # Issue 10's targets for the new cells.
@@ -349,7 +351,7 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}"
 
 
-def _cell(results: dict[str, Any], exercise: int, workload: str, n: int) -> dict[str, Any] | None:
+def _cell(results: dict[str, Any], exercise: int | str, workload: str, n: int) -> dict[str, Any] | None:
     for run in results["runs"]:
         if run["exercise"] == exercise:
             for c in run["cells"]:
@@ -382,7 +384,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     top = max(conns)
     out: list[dict[str, Any]] = []
 
-    def rps(workload: str, n: int, exercise: int = 4) -> float | None:
+    def rps(workload: str, n: int, exercise: int | str = 4) -> float | None:
         c = _cell(results, exercise, workload, n)
         return c["rps"] if c else None
 
@@ -421,6 +423,19 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(_target("read cache bytes/entry (RSS), 100-byte values, version and expiry",
                            memory["bytes_per_entry"], MEMORY_BYTES_PER_ENTRY, "at_most",
                            f"{memory['entries']:,} entries, RSS +{grown_mb:.1f} MB"))
+    for n in sorted({n for w, n in results["params"].get("etcd_cells", [])}):
+        get, ranged = rps("get", n), rps("etcd_range", n, "etcd")
+        save, put = rps("save", n), rps("etcd_put", n, "etcd")
+        if get is not None and ranged:
+            out.append(_target(f"/get ÷ etcd range, req/s, x{n}", get / ranged, 0.80, "at_least",
+                               f"{get:,.0f} vs {ranged:,.0f} req/s"))
+        if save is not None and put:
+            out.append(_target(f"/save ÷ etcd put, req/s, x{n}", save / put, 1.0, "at_least",
+                               f"{save:,.0f} vs {put:,.0f} req/s"))
+    put16 = rps("etcd_put", CONCURRENT, "etcd")
+    if durable is not None and put16:
+        out.append(_target(f"durable /save ÷ etcd put, req/s, x{CONCURRENT}", durable / put16, 0.80, "at_least",
+                           f"{durable:,.0f} vs {put16:,.0f} req/s"))
     return out
 
 
@@ -542,6 +557,8 @@ def markdown(results: dict[str, Any]) -> str:
                    f"and an expires_at), RSS {memory['rss_before_mb']} → {memory['rss_after_mb']} MB: "
                    f"{memory['bytes_per_entry']} bytes an entry (key + value objects alone: "
                    f"{memory['key_and_value_objects_bytes']}); miss-and-fill {memory['miss_fill_us_per_key']} µs/key.")
+    for skipped in results.get("skipped", []):
+        out.append(f"Skipped the {skipped['cells']} cells: {skipped['reason']}.")
     pings = ", ".join(f"{k} server {v}% / load generator {a['ping_client_cpu_pct'][k]}%"
                       for k, v in a["ping_server_cpu_pct"].items())
     verdict = "COULD HAVE BEEN the bottleneck" if a["loadgen_bottleneck"] else "was not the bottleneck"
@@ -641,6 +658,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-entries", type=int, default=MEMORY_ENTRIES,
                    help="cache entries of the memory cell (default: %(default)s; fewer inflate bytes/entry with "
                    "the process's fixed growth)")
+    p.add_argument("--etcd", help="the etcd binary of the etcd cells (default: etcd on PATH, else /usr/bin/etcd)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder (default: %(default)s)")
     args = p.parse_args(argv)
     args.duration = args.duration if args.duration is not None else (3.0 if args.quick else 10.0)
@@ -667,6 +685,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.keys_requests < 1 or args.memory_entries < 1:
         p.error("--keys-requests and --memory-entries must be >= 1")
     return args
+
+
+def run_etcd(results: dict[str, Any], work: Path, args: argparse.Namespace,
+             pins: tuple[list[str], list[str]]) -> None:
+    from bench import etcd  # imports this module: not at the top
+
+    path, release = etcd.binary(args)
+    if path is None:
+        log(f"etcd: skipped: {release}")
+        results["skipped"].append({"cells": "etcd", "reason": release})
+        return
+    log(f"etcd {release}: starting it and putting in {PRELOADED_KEYS} keys")
+    results["params"]["etcd_cells"] = etcd.cells(args)
+    results["runs"].append(etcd.bench_etcd(path, release, work, args, pins))
 
 
 def run_listing(results: dict[str, Any], work: Path, secret: str, args: argparse.Namespace,
@@ -704,12 +736,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not pins[0]:
         log("warning: taskset or a second core is missing: server and load generator share the CPU")
+    results["skipped"] = []
     with tempfile.TemporaryDirectory(prefix="kvbench-") as tmp:
         work = Path(tmp)
         if {"grid", "extra"} & args.cells:
             for exercise in EXERCISES:
                 log(f"exercise {exercise}: preloading {PRELOADED_KEYS} keys and starting the server")
                 results["runs"].append(bench_exercise(exercise, work, secret, args, pins))
+        if "etcd" in args.cells:
+            run_etcd(results, work, args, pins)
         if "keys" in args.cells:
             run_listing(results, work, secret, args, pins)
         if "memory" in args.cells:
