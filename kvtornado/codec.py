@@ -322,20 +322,39 @@ def parse_batch(content_type: str | None, body: bytes, *, max_ops: int, max_key_
     return ops
 
 
+class _Members(list):  # type: ignore[type-arg]
+    """A JSON object as every (name, value) pair it holds, repeated names included."""
+
+
+_EVERY_READING = json.JSONDecoder(object_pairs_hook=_Members)
+
+
 def only_get_ops(body: bytes) -> bool:
     """Whether a ``/batch`` body, whatever its other faults, holds no op but ``get`` (what a read key may send).
 
-    Any content type is read as JSON here: a read key's batch of saves is 403 even when it would also be 415.
-    A body that is not ``{"ops": [...]}`` at all holds no op, and its validation says what is wrong with it;
-    an element of the list that is not ``{"op": "get", ...}`` counts as an op other than get."""
+    Any content type is read as JSON here, and every reading of it counts: a repeated member (two ``"ops"``,
+    two ``"op"`` in one op) is looked at under each of its values, so a read key's batch of saves is 403 even
+    when it would also be 415, or 400 for its repeated member. A body that is not ``{"ops": [...]}`` at all
+    holds no op, and its validation says what is wrong with it; an element of the list that is not
+    ``{"op": "get", ...}`` counts as an op other than get."""
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(body) > MAX_JSON_DEPTH:
+        return True  # too deep to be a batch: invalid_json
     try:
-        doc = parse_json(body)
-    except KVError:
+        doc = _EVERY_READING.decode(body.decode("utf-8"))
+    except (ValueError, RecursionError):  # not UTF-8 or not JSON: invalid_json, whoever sends it
         return True
-    ops = doc.get("ops") if isinstance(doc, dict) else None
-    if not isinstance(ops, list):
+    if not isinstance(doc, _Members):
         return True
-    return all(isinstance(op, dict) and op.get("op") == GET for op in ops)
+    for name, ops in doc:
+        if name != "ops" or not isinstance(ops, list) or isinstance(ops, _Members):
+            continue
+        for op in ops:
+            if not isinstance(op, _Members):
+                return False
+            kinds = [value for field, value in op if field == "op"]
+            if not kinds or any(kind != GET for kind in kinds):
+                return False
+    return True
 
 
 def encode_cursor(prefix: str, last_key: str) -> str:

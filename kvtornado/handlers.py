@@ -177,6 +177,12 @@ class BaseHandler(RequestHandler):
                     del headers[name]
             self._refused = True
             raise BadRequest(framing)
+        if not (self.request.uri or "").isascii():
+            # RFC 3986 allows only ASCII in a request target. Tornado reads the request line as Latin-1, so raw
+            # UTF-8 bytes would name a key no client could sign (it signs the bytes it sent) and differ from
+            # the same bytes percent-encoded: refused before anything else reads the request.
+            self._stop_reading()
+            raise BadRequest("The request target must be ASCII: percent-encode every other byte (RFC 3986).")
         if announced is not None:
             size = int(announced.split(",")[0])
             if size > limit:

@@ -20,7 +20,7 @@ from tornado.web import Application
 
 from kvtornado.app import make_app
 from kvtornado.auth import Authenticator
-from kvtornado.client import AsyncKVClient, KVClient, Signer
+from kvtornado.client import AsyncKVClient, KVClient, KVClientError, Signer
 from kvtornado.config import Config
 from kvtornado.store import SqliteStore
 from tests.conftest import TEST_KEY_ID, TEST_SECRET, write_config
@@ -534,6 +534,32 @@ async def test_unusable_body_framing_gets_a_json_400_and_the_connection_closes(
         assert_error(await conn.read_reply(), 400, "bad_request")
         assert await conn.closed_by_server()
     assert await kv.save("after framing", 3) == {"key": "after framing", "saved": True, "version": VERSION}
+
+
+@pytest.mark.parametrize(("method", "target", "body"), [
+    pytest.param("GET", "/get?key=raw/\u00e9t\u00e9", b"", id="raw UTF-8 in the query"),
+    pytest.param("POST", "/save?ttl=60&x=\u2603", b'{"key": "raw/snow", "value": 1}', id="raw UTF-8 after a body"),
+    pytest.param("GET", "/g\u00e9t", b"", id="raw UTF-8 in the path"),
+])
+@pytest.mark.gen_test
+async def test_a_raw_non_ascii_request_target_is_400_before_auth(
+    http_server: Any, http_port: int, kv: AsyncKVClient, signer: Signer, method: str, target: str, body: bytes
+) -> None:
+    # Signed over the UTF-8 text, as a client sending those bytes would: never read as Latin-1 and served.
+    host = f"127.0.0.1:{http_port}"
+    path, _, query = target.partition("?")
+    head = (f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {JSON_T}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            f"Authorization: {signer.authorization(method, host, path, query, body)}\r\n\r\n").encode()
+    async with RawConnection(http_port) as conn:
+        await conn.send(head, body)
+        err = assert_error(await conn.read_reply(), 400, "bad_request")
+        assert "ASCII" in err["message"]
+        assert await conn.closed_by_server()
+    for key in ("raw/snow", "raw/\u00c3\u00a9t\u00c3\u00a9"):
+        with pytest.raises(KVClientError) as info:
+            await kv.get(key)
+        assert info.value.status == 404
 
 
 @pytest.mark.parametrize("framing", list(FRAMING_ERRORS.values()), ids=list(FRAMING_ERRORS))

@@ -214,7 +214,7 @@ def test_unsigned_requests_are_401_missing_auth(
 # (a /batch is 403 exactly when it holds an op other than get).
 READ_KEY_ID, READ_SECRET = "dashboard", b"d" * 48
 READ_ROUTES = {"GET /authorize", "POST /authorize", "GET /get", "GET /keys", "POST /batch"}
-READ_ONLY_EXAMPLES = 10
+READ_ONLY_EXAMPLES = 5
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)

@@ -204,6 +204,10 @@ def test_the_method_is_checked_before_the_role(who: dict[str, As]) -> None:
         ("batch get then an unknown op", "POST", "/batch",
          {"body": {"ops": [{"op": "get", "key": "order/k"}, {"op": "frobnicate", "key": "order/k"}]}}),
         ("batch holding a non-object op", "POST", "/batch", {"body": {"ops": [{"op": "get", "key": "a"}, 7]}}),
+        ("batch naming ops twice, a save in one", "POST", "/batch",
+         {"raw": b'{"ops": [{"op": "save", "key": "order/k", "value": 1}], "ops": [{"op": "get", "key": "a"}]}'}),
+        ("an op naming op twice", "POST", "/batch",
+         {"raw": b'{"ops": [{"op": "get", "key": "order/k", "op": "save", "value": 1}]}'}),
         ("flush with a body", "POST", "/flush", {"body": {"x": 1}}),
     ],
 )

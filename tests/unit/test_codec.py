@@ -516,7 +516,15 @@ def test_a_cursor_the_server_did_not_make_is_400(cursor: str) -> None:
         pytest.param(b'[{"op": "save"}]', True, id="not-an-object"),
         pytest.param(b'{"ops": [{"op": "save"', True, id="not-json"),
         pytest.param(b"", True, id="empty"),
-        pytest.param(b'{"ops": [{"op": "save"}], "ops": []}', True, id="repeated-member-is-invalid"),
+        pytest.param(b'{"ops": [{"op": "save"}], "ops": []}', False, id="repeated-ops-each-reading-counts"),
+        pytest.param(b'{"ops": [{"op": "get", "key": "a"}], "ops": [{"op": "get"}]}', True, id="repeated-ops-of-gets"),
+        pytest.param(b'{"ops": [{"op": "get", "key": "x", "op": "save", "value": 1}]}', False,
+                     id="repeated-op-each-reading-counts"),
+        pytest.param(b'{"ops": [{"op": "get", "key": "x", "op": "get"}]}', True, id="repeated-op-get"),
+        pytest.param(b'{"ops": {"op": "save"}}', True, id="ops-an-object"),
+        pytest.param(b'{"ops": [{"op": "save"}]}\xff', True, id="not-utf8"),
+        pytest.param(b'{"ops": [' + b"[" * 1100 + b"]" * 1100 + b"]}", True, id="too-deep"),
+        pytest.param(b'{"ops": [{"op": "get", "key": NaN}]}', True, id="nan-is-a-get-all-the-same"),
     ],
 )
 def test_only_get_ops(body: bytes, only_gets: bool) -> None:
