@@ -55,6 +55,10 @@ SWEEP_SLICE = 5000
 LIST_RETRIES = 3
 
 
+# Committed rows moved out of the pending maps between two turns of the event loop (see _committed).
+COMMIT_SLICE = 500
+
+
 def nbytes(text: str | None) -> int:
     """UTF-8 size of a key or a value's JSON text (0 for a tombstone); ASCII, the common case, is not encoded."""
     if text is None:
@@ -690,7 +694,7 @@ class WriteBehindCache:
             # _flight does not change until a batch commits, so the writer thread may read it meanwhile.
             for rows in await self.store.ordered_batches(self._flight, self.config.flush_batch_size):
                 await self.store.write_rows(rows)
-                self._committed(rows)
+                await self._committed(rows)
                 committed += len(rows)
         except StorageError as exc:
             error = exc
@@ -716,7 +720,17 @@ class WriteBehindCache:
             f"The flush failed; {self.dirty_count} writes stay pending and will be retried.",
             retry_after_s=self.scheduler.retry_after_s()))
 
-    def _committed(self, rows: list[Row]) -> None:
+    async def _committed(self, rows: list[Row]) -> None:
+        """Move committed rows out of the pending maps, ``COMMIT_SLICE`` at a time with the loop free between
+        slices: taking 5 000 keys out of the ordered pending set at once stalled the loop for ~15 ms. Each slice
+        moves ``_commit_gen``, so a listing whose sqlite read overlapped one reads again; a key not yet moved is
+        still pending with the record just committed, which the listing's merge prefers to the row."""
+        for start in range(0, len(rows), COMMIT_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            self._committed_slice(rows[start:start + COMMIT_SLICE])
+
+    def _committed_slice(self, rows: list[Row]) -> None:
         dirty, flight, clean = self._dirty, self._flight, self._clean
         now = self.wall()
         for key, record in rows:
