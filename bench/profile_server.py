@@ -123,7 +123,9 @@ def markdown(args: argparse.Namespace, cell: dict[str, Any], summary: dict[str, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--exercise", type=int, choices=bench_run.EXERCISES, default=4)
-    p.add_argument("--workload", choices=bench_run.WORKLOADS, default="get")
+    # The grid's workloads and the cells beside it that need no set-up of their own (/incr and /keys do).
+    p.add_argument("--workload", choices=(*bench_run.WORKLOADS, "save_durable", "batch_get", "batch_save"),
+                   default="get")
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--seconds", type=float, default=8.0, help="sampled seconds (default: %(default)s)")
     p.add_argument("--rate", type=int, default=250, help="samples per second (default: %(default)s)")
