@@ -178,3 +178,27 @@ def test_scoped_kv_passes_keys_inside_through_unchanged() -> None:
         ("flush", None),
         ("sweep", None),
     ]
+
+
+def test_scoped_kv_refusals_say_the_prefix_and_what_is_outside_it() -> None:
+    kv = ScopedKV(Recording(), Grant(WRITE, "app/"))
+    single = "This key id may only use keys that start with 'app/'; this key does not."
+    assert refused(kv.get_record("x")).message == single
+    assert refused(kv.put("x", "1")).message == single
+    assert refused(kv.apply([Op(DELETE, "x")])).message == single
+    assert refused(kv.apply([Op(DELETE, "x")], batch=True)).message == (
+        "This key id may only use keys that start with 'app/'; this op's key does not.")
+    assert refused(kv.list_keys("x", None, 1)).message == (
+        "This key id may only use keys that start with 'app/'; the prefix listed must start with it too.")
+
+
+def test_scoped_kv_defaults_are_the_stores_own() -> None:
+    inner = Recording()
+    kv = ScopedKV(inner, Grant(WRITE, "app/"))
+
+    async def run() -> None:
+        await kv.put("app/a", "1")
+        await kv.apply([Op(GET, "app/a")])
+
+    asyncio.run(run())
+    assert inner.calls == [("put", ("app/a", "1", False, None, None)), ("apply", (["app/a"], False, False))]
