@@ -43,7 +43,7 @@ from kvtornado.config import CacheConfig
 from kvtornado.errors import DurableTimeout, Overloaded, StorageError
 from kvtornado.ops import SAVE, Op, Outcome, Record, apply_ops, writes_in
 from kvtornado.scheduler import Clock, FlushScheduler, LoopClock, Timer
-from kvtornado.store import VERSION_BLOCK, Row, SqliteStore
+from kvtornado.store import VERSION_BLOCK, Row, Store
 
 log = logging.getLogger("kvtornado.cache")
 
@@ -163,14 +163,14 @@ class CacheStats:
 
 
 class WriteBehindCache:
-    """In-memory read path and write-behind batching over a ``SqliteStore`` (SPEC §7, G1-G10).
+    """In-memory read path and write-behind batching over a ``store.Store`` (sqlite or PostgreSQL; SPEC §7, G1-G10).
 
     The maps and the read path are here; *when* to flush is the ``FlushScheduler``'s (scheduler.py), and
     who waits for a commit is ``CommitWaiters``'. One injected ``Clock`` drives all three; expiry reads the
     wall clock ``wall`` (the store's clock unless given).
     """
 
-    def __init__(self, store: SqliteStore, config: CacheConfig, *, clock: Clock | None = None,
+    def __init__(self, store: Store, config: CacheConfig, *, clock: Clock | None = None,
                  wall: Callable[[], float] | None = None) -> None:
         self.store = store
         self.config = config

@@ -1,7 +1,10 @@
-"""sqlite storage: one writer thread and one reader thread, each with its own connection.
+"""Storage: the ``Store`` interface, and sqlite behind it (one writer thread and one reader thread, each with
+its own connection).
 
 ``SqliteStore`` is exercise 3's write-through store (every write committed before it returns) and the
 backend the write-behind cache flushes into. No sqlite call ever runs on the event loop thread.
+The ``Store`` protocol lives here, beside its first implementation and the helpers both share
+(``Row``, ``ordered_batches``, ``prefix_end``), so the sqlite path never imports a PostgreSQL driver.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from kvtornado.errors import KVError, StorageError
 from kvtornado.locks import LockHeld, lock_path, take_lock
@@ -154,7 +157,90 @@ def ordered_batches(rows: Mapping[str, T], batch_rows: int) -> list[list[tuple[s
     return batches
 
 
-class SqliteStore:
+class Store(Protocol):
+    """What the write-behind cache (and, through ``WriteThrough``, exercise 3's handlers) needs of a store of
+    record: ``SqliteStore`` and ``kvtornado.pgstore.PostgresStore`` implement it, and one conformance suite
+    (tests/e2e/test_conformance.py) runs the API against each. Every failure is a ``StorageError``."""
+
+    clock: Callable[[], float]
+
+    @property
+    def where(self) -> str:
+        """The database, for log lines (never a password)."""
+        ...
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def read(self, key: str) -> Record | None: ...
+    async def range(self, prefix: str, after: str | None, limit: int, now: float, *,
+                    serial: bool = False) -> list[Row]: ...
+    async def ordered_batches(self, rows: Mapping[str, T], batch_rows: int) -> list[list[tuple[str, T]]]: ...
+    async def write_rows(self, rows: Sequence[Row]) -> None: ...
+    async def reserve_versions(self, n: int) -> tuple[int, int]: ...
+    async def sweep_expired(self, now: float, limit: int = ...) -> int: ...
+    async def apply(self, ops: Sequence[Op], *, durable: bool = False, batch: bool = False) -> list[Outcome]: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+class WriteThrough:
+    """The key/value interface the handlers use (``handlers.KeyValue``), over a store's own ``apply``, ``read``,
+    ``range`` and ``sweep_expired``: exercise 3, where every write is committed before it returns."""
+
+    clock: Callable[[], float]
+
+    async def read(self, key: str) -> Record | None:
+        raise NotImplementedError
+
+    async def range(self, prefix: str, after: str | None, limit: int, now: float, *,
+                    serial: bool = False) -> list[Row]:
+        raise NotImplementedError
+
+    async def sweep_expired(self, now: float, limit: int = SWEEP_ROWS) -> int:
+        raise NotImplementedError
+
+    async def apply(self, ops: Sequence[Op], *, durable: bool = False, batch: bool = False) -> list[Outcome]:
+        raise NotImplementedError
+
+    async def get_record(self, key: str) -> Record | None:
+        """The key's live record, or None when it is absent or expired."""
+        record = await self.read(key)
+        return record if record is not None and record.live(self.clock()) else None
+
+    async def list_keys(self, prefix: str, after: str | None, limit: int) -> list[Row]:
+        return await self.range(prefix, after, limit, self.clock())
+
+    async def get(self, key: str) -> str | None:
+        """The key's value as JSON text, or None (a shorthand of ``get_record``)."""
+        record = await self.get_record(key)
+        return None if record is None else record.value
+
+    async def put(self, key: str, value: str, *, durable: bool = False, ttl: int | None = None,
+                  if_version: int | None = None) -> int:
+        """Write-through: returns the new version once the row is committed (``durable`` is always true here)."""
+        outcomes = await self.apply([Op("save", key, value=value, ttl=ttl, if_version=if_version)])
+        return outcomes[0].record.version  # type: ignore[union-attr]  # a save always has its record
+
+    async def delete(self, key: str, *, durable: bool = False, if_version: int | None = None) -> bool:
+        """Delete and commit; False when there was no such key."""
+        outcomes = await self.apply([Op("delete", key, if_version=if_version)], batch=True)
+        return outcomes[0].done
+
+    async def sweep(self, *, rounds: int = SWEEP_ROUNDS) -> int:
+        """Reclaim expired rows (the server calls this periodically): short transactions of
+        ``SWEEP_ROWS`` rows, at most ``rounds`` of them, the event loop free between them."""
+        total = 0
+        for _ in range(rounds):
+            n = await self.sweep_expired(self.clock(), SWEEP_ROWS)
+            total += n
+            if n < SWEEP_ROWS:
+                break
+        return total
+
+    async def flush(self) -> int:
+        return 0  # nothing is ever pending in a write-through store
+
+
+class SqliteStore(WriteThrough):
     """Write-through key/value store on one sqlite file (WAL, ``synchronous`` from the config)."""
 
     def __init__(
@@ -180,6 +266,10 @@ class SqliteStore:
         self.row_writes = 0
         self.commits = 0
         self.swept = 0
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -476,44 +566,6 @@ class SqliteStore:
         self.commits += 1
         self.row_writes += written
         return outcomes
-
-    async def get_record(self, key: str) -> Record | None:
-        """The key's live record, or None when it is absent or expired."""
-        record = await self.read(key)
-        return record if record is not None and record.live(self.clock()) else None
-
-    async def list_keys(self, prefix: str, after: str | None, limit: int) -> list[Row]:
-        return await self.range(prefix, after, limit, self.clock())
-
-    async def get(self, key: str) -> str | None:
-        """The key's value as JSON text, or None (a shorthand of ``get_record``)."""
-        record = await self.get_record(key)
-        return None if record is None else record.value
-
-    async def put(self, key: str, value: str, *, durable: bool = False, ttl: int | None = None,
-                  if_version: int | None = None) -> int:
-        """Write-through: returns the new version once the row is committed (``durable`` is always true here)."""
-        outcomes = await self.apply([Op("save", key, value=value, ttl=ttl, if_version=if_version)])
-        return outcomes[0].record.version  # type: ignore[union-attr]  # a save always has its record
-
-    async def delete(self, key: str, *, durable: bool = False, if_version: int | None = None) -> bool:
-        """Delete and commit; False when there was no such key."""
-        outcomes = await self.apply([Op("delete", key, if_version=if_version)], batch=True)
-        return outcomes[0].done
-
-    async def sweep(self, *, rounds: int = SWEEP_ROUNDS) -> int:
-        """Reclaim expired rows (the server calls this periodically): short transactions of
-        ``SWEEP_ROWS`` rows, at most ``rounds`` of them, the event loop free between them."""
-        total = 0
-        for _ in range(rounds):
-            n = await self.sweep_expired(self.clock(), SWEEP_ROWS)
-            total += n
-            if n < SWEEP_ROWS:
-                break
-        return total
-
-    async def flush(self) -> int:
-        return 0  # nothing is ever pending in a write-through store
 
     def stats(self) -> dict[str, Any]:
         return {"storage": {"reads": self.reads, "row_writes": self.row_writes, "commits": self.commits,
