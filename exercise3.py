@@ -10,6 +10,7 @@ Dependencies:
 - Tornado, the web framework and event loop: https://www.tornadoweb.org/
 - PyYAML, to read ``config.yaml``: https://pyyaml.org/wiki/PyYAMLDocumentation
 - sqlite3 from the standard library: https://docs.python.org/3/library/sqlite3.html
+- psycopg 3 and psycopg_pool, with ``storage.backend: postgresql`` only: https://www.psycopg.org/psycopg3/docs/
 - hmac, hashlib and secrets from the standard library: https://docs.python.org/3/library/hmac.html
 """
 

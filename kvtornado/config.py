@@ -8,6 +8,7 @@ Relative paths are resolved against the config file's own folder.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,15 @@ from kvtornado.errors import ConfigError
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL")
 WRITES_WHILE_FAILING = ("refuse", "accept")
+STORAGE_BACKENDS = ("sqlite", "postgresql")
+# A libpq URL (SPEC §10): what psycopg is handed as it is; whether it connects is known at start-up.
+_PG_URL = re.compile(r"postgres(?:ql)?://\S*")
+_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: config errors and logs never show one."""
+    return _PASSWORD.sub(r"\1***@", url)
 
 
 @dataclass(frozen=True)
@@ -40,8 +50,10 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    path: Path = Path("data/kv.sqlite3")
+    backend: str = "sqlite"  # sqlite | postgresql (SPEC §10)
+    path: Path = Path("data/kv.sqlite3")  # sqlite's file; with postgresql, where the nonce journal is kept beside
     synchronous: str = "FULL"
+    url: str | None = None  # postgresql: a libpq URL (may hold a password: never logged)
 
 
 @dataclass(frozen=True)
@@ -154,6 +166,17 @@ def _check_value(name: str, value: Any, c: _Checker) -> Any:
         if not isinstance(value, str) or value.upper() not in SYNCHRONOUS_MODES:
             raise c.fail(name, "one of " + " | ".join(SYNCHRONOUS_MODES), value)
         return value.upper()
+    if name == "storage.backend":
+        if value not in STORAGE_BACKENDS:
+            raise c.fail(name, "one of " + " | ".join(STORAGE_BACKENDS), value)
+        return value
+    if name == "storage.url":
+        if value is None:
+            return None
+        if not isinstance(value, str) or not _PG_URL.fullmatch(value):
+            shown = redact_url(value) if isinstance(value, str) else value
+            raise c.fail(name, "a libpq URL such as postgresql://kv@127.0.0.1:5432/kv, or null", shown)
+        return value
     if name == "cache.writes_while_failing":
         if value not in WRITES_WHILE_FAILING:
             raise c.fail(name, "one of " + " | ".join(WRITES_WHILE_FAILING), value)
@@ -166,6 +189,18 @@ def _check_value(name: str, value: Any, c: _Checker) -> Any:
             raise c.fail(name, "a host name without white space, or null", value)
         return host.lower()
     return c.text(name, value)  # server.host
+
+
+def _check_storage(values: dict[str, Any], label: str) -> None:
+    """The storage keys that only make sense together: postgresql needs a url, and a url needs postgresql (so
+    a url without the backend never silently serves sqlite)."""
+    backend, url = values.get("backend", StorageConfig.backend), values.get("url")
+    if backend == "postgresql" and url is None:
+        raise ConfigError(f"{label}: storage.url must be a libpq URL such as postgresql://kv@127.0.0.1:5432/kv "
+                          "when storage.backend is postgresql, got null")
+    if backend != "postgresql" and url is not None:
+        raise ConfigError(f"{label}: storage.url is only used with storage.backend: postgresql "
+                          f"(storage.backend is {backend}); remove it or set the backend")
 
 
 def parse_config(data: Any, *, label: str = "config.yaml", base_dir: Path | None = None) -> Config:
@@ -197,6 +232,8 @@ def parse_config(data: Any, *, label: str = "config.yaml", base_dir: Path | None
             values["secret_file"] = base / AuthConfig.secret_file
         if section == "storage" and "path" not in values:
             values["path"] = base / StorageConfig.path
+        if section == "storage":
+            _check_storage(values, label)
         sections[section] = cls(**values)
     sections.setdefault("auth", AuthConfig(secret_file=base / AuthConfig.secret_file))
     sections.setdefault("storage", StorageConfig(path=base / StorageConfig.path))

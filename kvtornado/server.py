@@ -11,7 +11,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from tornado import gen
 from tornado.httpserver import HTTPServer
@@ -26,7 +26,10 @@ from kvtornado.cache import SWEEP_INTERVAL_S, WriteBehindCache
 from kvtornado.config import Config, ServerConfig, load_config
 from kvtornado.errors import ConfigError, StorageError
 from kvtornado.handlers import JSON_CONTENT_TYPE, Admission, KeyValue, json_bytes
-from kvtornado.store import SqliteStore
+from kvtornado.store import SqliteStore, WriteThrough, open_store
+
+if TYPE_CHECKING:
+    from kvtornado.pgstore import PostgresStore
 
 log = logging.getLogger("kvtornado.server")
 
@@ -185,7 +188,7 @@ def _leave_now(status: int) -> NoReturn:  # pragma: no cover - the process ends 
     os._exit(status)
 
 
-async def _sweep_forever(store: SqliteStore) -> None:
+async def _sweep_forever(store: WriteThrough) -> None:
     """Exercise 3's expiry reclaim: expired rows are deleted every ``SWEEP_INTERVAL_S`` (the write-behind cache
     runs its own sweep, of memory and sqlite, on the same period)."""
     while True:
@@ -204,10 +207,10 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    store: SqliteStore | None = None
+    store: SqliteStore | PostgresStore | None = None
     kv: KeyValue | None = None
     if exercise >= 3:
-        store = SqliteStore(cfg.storage.path, synchronous=cfg.storage.synchronous)
+        store = open_store(cfg.storage)  # storage.backend: sqlite (the default) or postgresql (SPEC §10)
         await store.open()
         kv = store
     sweeper: asyncio.Task[None] | None = None
@@ -246,7 +249,7 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
     shown = f"[{host}]" if ":" in host else host
     details = ""
     if store is not None:
-        details += f", db {store.path}"
+        details += f", db {store.where}"
     if exercise >= 4:
         details += f", flush every {cfg.cache.flush_interval_ms} ms"
     log.info("exercise %d listening on http://%s:%d%s", exercise, shown, port, details)

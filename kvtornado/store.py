@@ -3,7 +3,8 @@ its own connection).
 
 ``SqliteStore`` is exercise 3's write-through store (every write committed before it returns) and the
 backend the write-behind cache flushes into. No sqlite call ever runs on the event loop thread.
-The ``Store`` protocol lives here, beside its first implementation and the helpers both share
+``kvtornado.pgstore.PostgresStore`` is the other implementation (SPEC §10); ``open_store`` picks one from the
+config. The ``Store`` protocol lives here, beside its first implementation and the helpers both share
 (``Row``, ``ordered_batches``, ``prefix_end``), so the sqlite path never imports a PostgreSQL driver.
 """
 
@@ -20,11 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from kvtornado.errors import KVError, StorageError
 from kvtornado.locks import LockHeld, lock_path, take_lock
 from kvtornado.ops import GET, MAX_SAFE, Op, Outcome, Record, apply_ops
+
+if TYPE_CHECKING:
+    from kvtornado.config import StorageConfig
+    from kvtornado.pgstore import PostgresStore
 
 SCHEMA_VERSION = 2
 # SPEC §6: a flush that cannot take the write lock within this has failed.
@@ -180,6 +185,16 @@ class Store(Protocol):
     async def sweep_expired(self, now: float, limit: int = ...) -> int: ...
     async def apply(self, ops: Sequence[Op], *, durable: bool = False, batch: bool = False) -> list[Outcome]: ...
     def stats(self) -> dict[str, Any]: ...
+
+
+def open_store(storage: StorageConfig, *, clock: Callable[[], float] = time.time) -> SqliteStore | PostgresStore:
+    """The store ``storage.backend`` names, not opened yet (psycopg is imported only for postgresql)."""
+    if storage.backend == "postgresql":
+        from kvtornado.pgstore import PostgresStore
+
+        assert storage.url is not None  # the config refuses postgresql without a url
+        return PostgresStore(storage.url, clock=clock)
+    return SqliteStore(storage.path, synchronous=storage.synchronous, clock=clock)
 
 
 class WriteThrough:

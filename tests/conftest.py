@@ -125,3 +125,26 @@ def http_server(request: pytest.FixtureRequest, io_loop: Any, _unused_port: Any)
     yield server
     server.stop()
     io_loop.run_sync(server.close_all_connections, timeout=10)
+
+
+# --- SPEC §10 services (tests/services.py) --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """One throwaway PostgreSQL for the session (skipped, or failed under KV_REQUIRE_SERVICES=1, without it)."""
+    from tests.services import start_postgres
+
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def pg_url(postgres: Any) -> str:
+    """A fresh database of the session's PostgreSQL, for one test; started again if a test left it stopped."""
+    if not postgres.running():
+        postgres.start()
+    return str(postgres.create_db())

@@ -269,6 +269,34 @@ def test_public_host_null_is_accepted(tmp_path: Path) -> None:
             id="int-for-path",
         ),
         pytest.param(
+            "storage:\n  backend: mysql\n",
+            'config.yaml: storage.backend must be one of sqlite | postgresql, got "mysql"',
+            id="unknown-backend",
+        ),
+        pytest.param(
+            "storage:\n  backend: postgresql\n",
+            "config.yaml: storage.url must be a libpq URL such as postgresql://kv@127.0.0.1:5432/kv when "
+            "storage.backend is postgresql, got null",
+            id="postgresql-without-url",
+        ),
+        pytest.param(
+            "storage:\n  url: postgresql://kv@127.0.0.1/kv\n",
+            "config.yaml: storage.url is only used with storage.backend: postgresql (storage.backend is sqlite); "
+            "remove it or set the backend",
+            id="url-without-postgresql",
+        ),
+        pytest.param(
+            "storage:\n  backend: postgresql\n  url: 'mysql://kv:hunter2@db/kv'\n",
+            "config.yaml: storage.url must be a libpq URL such as postgresql://kv@127.0.0.1:5432/kv, or null, "
+            'got "mysql://kv:***@db/kv"',
+            id="not-a-libpq-url-and-no-password-shown",
+        ),
+        pytest.param(
+            "storage:\n  backend: postgresql\n  url: 5432\n",
+            "config.yaml: storage.url must be a libpq URL such as postgresql://kv@127.0.0.1:5432/kv, or null, got 5432",
+            id="int-for-url",
+        ),
+        pytest.param(
             "auth:\n  public_host: 'kv example.com'\n",
             'config.yaml: auth.public_host must be a host name without white space, or null, got "kv example.com"',
             id="public-host-with-space",
@@ -282,6 +310,13 @@ def test_public_host_null_is_accepted(tmp_path: Path) -> None:
 )
 def test_refusal_is_one_line_naming_the_key(tmp_path: Path, text: str, expected: str) -> None:
     assert refusal(write(tmp_path, text)) == expected
+
+
+def test_postgresql_backend_with_its_url(tmp_path: Path) -> None:
+    url = "postgresql://kv:secret@127.0.0.1:5432/kv?connect_timeout=3"
+    cfg = load_config(write(tmp_path, f"storage:\n  backend: postgresql\n  url: '{url}'\n"))
+    assert (cfg.storage.backend, cfg.storage.url) == ("postgresql", url)
+    assert load_config(write(tmp_path, "storage:\n  synchronous: FULL\n")).storage.backend == "sqlite"
 
 
 def test_invalid_yaml_is_one_line_with_the_file_and_line(tmp_path: Path) -> None:
