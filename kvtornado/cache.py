@@ -374,7 +374,7 @@ class WriteBehindCache:
         try:
             await self.store.sweep_expired(self.wall())
         except StorageError as exc:  # the flush reports a failing store; the next sweep tries again
-            log.debug("expiry sweep of sqlite failed: %s", exc)
+            log.debug("expiry sweep of the store failed: %s", exc)
         return dropped
 
     async def flush(self) -> int:
@@ -596,7 +596,7 @@ class WriteBehindCache:
     def _admit(self, writes: dict[str, Record], durable: bool) -> None:
         """G9 and G5 for the whole of ``writes``: refused (nothing written) or all of them fit."""
         if self._refusing_writes and not durable:
-            raise Overloaded("sqlite is failing: writes are refused until a flush succeeds; retry shortly.",
+            raise Overloaded("The store is failing: writes are refused until a flush succeeds; retry shortly.",
                              retry_after_s=self.scheduler.retry_after_s())
         grows = 0
         new_keys = 0
@@ -613,11 +613,11 @@ class WriteBehindCache:
                 grows += nbytes(record.value) - nbytes(old.value)
         if grows > 0 and self._dirty_bytes + grows > self.config.max_dirty_bytes:
             self.scheduler.trigger()
-            raise Overloaded(f"{self._dirty_bytes} bytes of writes are waiting for sqlite; retry shortly.",
+            raise Overloaded(f"{self._dirty_bytes} bytes of writes are waiting for the store; retry shortly.",
                              retry_after_s=self.scheduler.retry_after_s())
         if new_keys and self.dirty_count + new_keys > self.config.max_dirty:
             self.scheduler.trigger()  # make room as soon as sqlite allows (max_dirty may be < batch size)
-            raise Overloaded(f"{self.dirty_count} writes are waiting for sqlite; retry shortly.",
+            raise Overloaded(f"{self.dirty_count} writes are waiting for the store; retry shortly.",
                              retry_after_s=self.scheduler.retry_after_s())
 
     def _install(self, writes: dict[str, Record]) -> None:

@@ -1557,11 +1557,11 @@ async def test_every_refusal_and_timeout_says_why_in_its_own_words(store: FakeSt
     await cache.put("a", '"1"')  # 1 + 3 bytes
     with pytest.raises(Overloaded) as too_many_bytes:
         await cache.put("b", '"' + "x" * 20 + '"')
-    assert too_many_bytes.value.message == "4 bytes of writes are waiting for sqlite; retry shortly."
+    assert too_many_bytes.value.message == "4 bytes of writes are waiting for the store; retry shortly."
     await cache.put("b", '"2"')
     with pytest.raises(Overloaded) as too_many_keys:
         await cache.put("c", '"3"')
-    assert too_many_keys.value.message == "2 writes are waiting for sqlite; retry shortly."
+    assert too_many_keys.value.message == "2 writes are waiting for the store; retry shortly."
     store.write_gate.close()
     for durable, what in ((True, "The write was"), (False, "The flush was")):
         call = cache.put("a", '"4"', durable=True) if durable else cache.flush()
@@ -1577,7 +1577,7 @@ async def test_every_refusal_and_timeout_says_why_in_its_own_words(store: FakeSt
     await wait_until(lambda: flush_stats(cache)["errors"] >= 1, "the stalled flush to fail")
     with pytest.raises(Overloaded) as refused:
         await cache.put("a", '"5"')
-    assert refused.value.message == "sqlite is failing: writes are refused until a flush succeeds; retry shortly."
+    assert refused.value.message == "The store is failing: writes are refused until a flush succeeds; retry shortly."
 
 
 @pytest.mark.gen_test
