@@ -47,6 +47,22 @@ def pg_bindir() -> Path | None:
     return Path(candidates[-1]).parent if candidates else None
 
 
+def as_postgres() -> list[str]:
+    """The command prefix that runs a program as the ``postgres`` user (PostgreSQL refuses to run as root).
+
+    ``runuser`` lives in /usr/sbin, which a CI's minimal PATH may leave out; util-linux's ``setpriv`` in
+    /usr/bin does the same."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    runuser = shutil.which("runuser", path=search)
+    if runuser:
+        return [runuser, "-u", "postgres", "--"]
+    setpriv = shutil.which("setpriv", path=search)
+    if setpriv:
+        return [setpriv, "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
+    raise RuntimeError("running as root, and neither runuser nor setpriv is installed to start PostgreSQL as "
+                       "the postgres user (apt-get install -y util-linux)")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,7 +81,7 @@ class PostgresServer:
         self._as_user: list[str] = []
         if os.geteuid() == 0:
             shutil.chown(self.folder, "postgres", "postgres")
-            self._as_user = ["runuser", "-u", "postgres", "--"]
+            self._as_user = as_postgres()
         self._dbs = 0
 
     def _run(self, *args: str) -> None:
