@@ -23,11 +23,14 @@ STORAGE_BACKENDS = ("sqlite", "postgresql")
 # A libpq URL (SPEC §10): what psycopg is handed as it is; whether it connects is known at start-up.
 _PG_URL = re.compile(r"postgres(?:ql)?://\S*")
 _PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@")
+# password=... as a key/value pair (host=h password=p) or a URL query parameter (?password=p), quoted or not
+_PASSWORD_PARAM = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&]*)", re.IGNORECASE)
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``: config errors and logs never show one."""
-    return _PASSWORD.sub(r"\1***@", url)
+    """``url`` (or a key/value connection string) with any password replaced by ``***``: config errors and
+    logs never show one."""
+    return _PASSWORD_PARAM.sub(r"\1***", _PASSWORD.sub(r"\1***@", url))
 
 
 @dataclass(frozen=True)

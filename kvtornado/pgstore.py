@@ -19,8 +19,10 @@ Table ``kv`` has §6's columns (``key text COLLATE "C"``: byte order, which for 
 - **Versions** are reserved in blocks committed before use (``reserve_versions``), as on sqlite.
 - **One server a database**: ``pg_try_advisory_lock`` on a connection of its own, held for the store's life
   (the server dies, its session ends, the lock is free: never stale). It is checked again at most every
-  ``LOCK_CHECK_S`` before a write and taken again after an outage; a lock another server took meanwhile fails
-  the writes.
+  ``LOCK_CHECK_S`` (by a watcher task, and before a write) and taken again after an outage. A session can end
+  under a running server, and another server may take the lock in that window: each server writes its own
+  fencing token (``owner`` in ``kv_meta``) at start-up, and every write transaction checks it under a share
+  lock, so the first one finds itself replaced, refuses everything from then on and stops (``on_fenced``).
 - **Bounded waits**: libpq's ``connect_timeout`` (the URL's, else ``CONNECT_TIMEOUT_S``) bounds a connection
   attempt and the wait for a pooled connection, ``statement_timeout`` a statement, and a deadline of both
   every operation on the client side. PostgreSQL down is a ``StorageError`` (503) within them; the pool
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -42,6 +45,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from kvtornado.config import redact_url
 from kvtornado.errors import KVError, StorageError
 from kvtornado.ops import GET, MAX_SAFE, Op, Outcome, Record, apply_ops, writes_in
 from kvtornado.store import SWEEP_ROWS, Row, WriteThrough, ordered_batches, prefix_end
@@ -91,6 +95,11 @@ _SWEEP = ("DELETE FROM kv WHERE key IN "
           "(SELECT key FROM kv WHERE expires_at <= %s ORDER BY expires_at LIMIT %s)")
 _LIVE = "value IS NOT NULL AND (expires_at IS NULL OR expires_at > %s)"
 _TRY_LOCK = "SELECT pg_try_advisory_lock(%s)"
+# The fencing token: each server writes its own at start-up, and every write transaction checks it. A server
+# whose lock was lost (its session died) while another started cannot write again, even once it has the lock.
+_CLAIM = ("INSERT INTO kv_meta(name, value) VALUES ('owner', %s) "
+          "ON CONFLICT (name) DO UPDATE SET value = excluded.value")
+_FENCE = "SELECT 1 FROM kv_meta WHERE name = 'owner' AND value = %s FOR SHARE"
 _PING = "SELECT 1"
 
 
@@ -130,6 +139,10 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+class Taken(StorageError):
+    """Another server holds the database's advisory lock."""
+
+
 class PostgresStore(WriteThrough):
     """The store of record on PostgreSQL: a pool of autocommit connections and one connection holding the lock."""
 
@@ -138,7 +151,9 @@ class PostgresStore(WriteThrough):
         try:
             params = conninfo_to_dict(url)
         except psycopg.Error as exc:
-            raise StorageError(f"storage.url is not a valid libpq URL ({_one_line(exc)})") from None
+            # libpq's message quotes the whole string, password and all
+            detail = _one_line(exc).replace(url, redact_url(url))
+            raise StorageError(f"storage.url is not a valid libpq URL ({redact_url(detail)})") from None
         params.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
         options = str(params.get("options") or "")
         if "statement_timeout" not in options:
@@ -161,6 +176,12 @@ class PostgresStore(WriteThrough):
         self._lock_conn: psycopg.AsyncConnection[Any] | None = None
         self._lock_checked = 0.0  # time.monotonic() of the last proof that the lock is still held
         self._lock_guard = asyncio.Lock()
+        self._owner = secrets.randbits(62)  # this server's fencing token (see _CLAIM)
+        self.fenced = False
+        # Called once when another server has taken the database over: the server stops (it must not serve
+        # what may now be stale, nor write over the other's rows).
+        self.on_fenced: Callable[[], None] | None = None
+        self._watch: asyncio.Task[None] | None = None
         self._serial = asyncio.Lock()  # held through each commit of write_rows and each serial range
         self._closed = False
         self.reads = 0
@@ -179,6 +200,7 @@ class PostgresStore(WriteThrough):
         self._lock_conn = await self._take_lock()
         try:
             await self._migrate(self._lock_conn)
+            await self._lock_conn.execute(_CLAIM, (self._owner,))
             pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
                 self._conninfo, min_size=1, max_size=self.pool_max, kwargs={"autocommit": True},
                 timeout=self.timeout_s, open=False, name="kvtornado",
@@ -191,6 +213,7 @@ class PostgresStore(WriteThrough):
                 await pool.close()
                 raise StorageError(f"{self._where}: cannot open the connection pool ({_one_line(exc)})") from None
             self._pool = pool
+            self._watch = asyncio.ensure_future(self._watch_lock())
         except BaseException:
             await self._lock_conn.close()
             self._lock_conn = None
@@ -209,7 +232,7 @@ class PostgresStore(WriteThrough):
             raise StorageError(f"{self._where}: cannot take the server lock ({_one_line(exc)})") from None
         if row is None or not row[0]:
             await conn.close()
-            raise StorageError(f"{self._where}: another server is using this database (it holds the advisory "
+            raise Taken(f"{self._where}: another server is using this database (it holds the advisory "
                                f"lock {LOCK_KEY}); stop it first")
         self._lock_checked = time.monotonic()
         return conn
@@ -239,6 +262,9 @@ class PostgresStore(WriteThrough):
         if self._closed:
             return
         self._closed = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -265,8 +291,36 @@ class PostgresStore(WriteThrough):
             self._lock_conn = None
             if self._closed:
                 raise StorageError("the store is closed")
-            self._lock_conn = await self._take_lock()
+            try:
+                self._lock_conn = await self._take_lock()
+            except Taken:
+                self._fence("another server took the lock while this one's connection to PostgreSQL was lost")
             log.warning("%s: the connection holding the server lock was lost; the lock is held again", self._where)
+
+    async def _watch_lock(self) -> None:
+        """Prove the lock every ``LOCK_CHECK_S``, writes or not, so a lost one is taken again (or found taken by
+        another server) within about a second of PostgreSQL answering again."""
+        while not self._closed and not self.fenced:
+            await asyncio.sleep(LOCK_CHECK_S)
+            try:
+                await self._check_lock()
+            except StorageError:
+                pass  # PostgreSQL down: the next round tries again; a takeover has fenced the store
+
+    def _fence(self, why: str) -> None:
+        """Another server owns the database now: refuse every operation from here on, and stop the server."""
+        if not self.fenced:
+            self.fenced = True
+            log.error("%s: %s; this server stops and writes nothing more", self._where, why)
+            if self.on_fenced is not None:
+                self.on_fenced()
+        raise StorageError(f"{self._where}: another server took over this database")
+
+    async def _check_owner(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Inside a write transaction: this server's token is still the database's (held until the commit)."""
+        row = await (await conn.execute(_FENCE, (self._owner,))).fetchone()
+        if row is None:
+            self._fence("another server started on this database and replaced this one's fencing token")
 
     @asynccontextmanager
     async def _conn(self, what: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -274,6 +328,8 @@ class PostgresStore(WriteThrough):
         pool = self._pool
         if pool is None:
             raise StorageError("the store is closed")
+        if self.fenced:
+            raise StorageError(f"{self._where}: another server took over this database")
         try:
             async with asyncio.timeout(self.deadline_s), pool.connection(timeout=self.timeout_s) as conn:
                 yield conn
@@ -310,6 +366,7 @@ class PostgresStore(WriteThrough):
         await self._check_lock()
         ordered = sorted(dict(rows).items(), key=itemgetter(0))  # the last write of a key wins; key order
         async with self._serial, self._conn("write") as conn, conn.transaction():
+            await self._check_owner(conn)
             await self._put_rows(conn, ordered, self.clock())
         self.row_writes += len(ordered)
         self.commits += 1
@@ -317,7 +374,8 @@ class PostgresStore(WriteThrough):
     async def reserve_versions(self, n: int) -> tuple[int, int]:
         """Reserve the next ``n`` versions: ``(first, last)``, committed before any of them is handed out (G10)."""
         await self._check_lock()
-        async with self._conn("write") as conn:
+        async with self._conn("write") as conn, conn.transaction():
+            await self._check_owner(conn)
             row = await (await conn.execute(_TAKE, {"n": n, "max": MAX_SAFE})).fetchone()
         if row is None:
             raise StorageError("the versions are used up (2^53 - 1)")
@@ -373,6 +431,7 @@ class PostgresStore(WriteThrough):
         await self._check_lock()
         n = writes_in(ops)
         async with self._conn("write") as conn, conn.transaction():
+            await self._check_owner(conn)
             # First the versions: the row lock on the high-water mark makes write transactions one at a time.
             taken = await (await conn.execute(_TAKE, {"n": n, "max": MAX_SAFE})).fetchone()
             if taken is None:

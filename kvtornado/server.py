@@ -211,6 +211,8 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
     kv: KeyValue | None = None
     if exercise >= 3:
         store = open_store(cfg.storage)  # storage.backend: sqlite (the default) or postgresql (SPEC §10)
+        if not isinstance(store, SqliteStore):  # PostgresStore, imported only with that backend
+            store.on_fenced = stop.set  # another server took the database over: stop serving at once
         await store.open()
         kv = store
     sweeper: asyncio.Task[None] | None = None

@@ -58,8 +58,9 @@ async def test_schema_columns_collation_index_and_meta(store: PostgresStore, pg_
                     ("expires_at", "double precision", "YES", None), ("updated_at", "double precision", "NO", None)]
     assert query(pg_url, "SELECT indexname FROM pg_indexes WHERE tablename = 'kv' ORDER BY 1") == [
         ("kv_expires_at",), ("kv_pkey",)]
-    assert query(pg_url, "SELECT name, value FROM kv_meta ORDER BY name") == [("schema_version", 1),
-                                                                              ("version_hwm", 0)]
+    meta = dict(query(pg_url, "SELECT name, value FROM kv_meta"))
+    assert meta.pop("owner") > 0  # this server's fencing token
+    assert meta == {"schema_version": 1, "version_hwm": 0}
 
 
 @pytest.mark.gen_test
@@ -152,6 +153,91 @@ async def test_a_second_store_on_the_same_database_is_refused_until_the_first_cl
         await opened(pg_url)
     await first.close()
     await (await opened(pg_url)).close()
+
+
+def lose_lock(url: str) -> None:
+    """End the session holding the advisory lock, as a PostgreSQL restart or a network cut would."""
+    query(url, "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+               "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+
+
+@pytest.mark.gen_test
+async def test_a_server_whose_lock_was_lost_while_another_started_is_fenced_and_stops(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvtornado import pgstore
+
+    monkeypatch.setattr(pgstore, "LOCK_CHECK_S", 3600.0)  # the first does not notice the loss by itself
+    first = await opened(pg_url)
+    stopped: list[bool] = []
+    first.on_fenced = lambda: stopped.append(True)
+    await first.write_rows([("k", Record('"first"', 5))])
+    lose_lock(pg_url)
+    second = await opened(pg_url)  # the lock was free: it starts, and its token replaces the first's
+    await second.write_rows([("k", Record('"second"', 10**6))])
+
+    with pytest.raises(StorageError, match="another server took over this database"):
+        await first.write_rows([("k", Record('"late"', 7))])
+    assert first.fenced and stopped == [True]
+    for refused in (first.read("k"), first.reserve_versions(1), first.apply([Op("save", "k", value="1")])):
+        with pytest.raises(StorageError, match="another server took over"):
+            await refused
+    assert await second.get("k") == '"second"'
+    await first.close()
+    await second.close()
+
+
+@pytest.mark.gen_test
+async def test_a_lost_lock_found_held_by_another_server_fences_at_the_next_check(pg_url: str) -> None:
+    first = await opened(pg_url)
+    lose_lock(pg_url)
+    second = await opened(pg_url)
+    first._lock_checked = 0.0  # the next write proves the lock first, as the watcher does every second
+    with pytest.raises(StorageError, match="another server took over this database"):
+        await first.write_rows([("k", Record('"late"', 7))])
+    assert first.fenced
+    await first.close()
+    await second.close()
+
+
+@pytest.mark.gen_test
+async def test_a_lost_lock_nobody_took_is_taken_again_by_the_watcher(pg_url: str, monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:
+    from kvtornado import pgstore
+
+    monkeypatch.setattr(pgstore, "LOCK_CHECK_S", 0.05)
+    first = await opened(pg_url)
+    lose_lock(pg_url)
+    deadline = time.monotonic() + 10
+    while not query(pg_url, "SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"):
+        assert time.monotonic() < deadline, "the lock was not taken again"
+        await asyncio.sleep(0.05)  # polling for the watcher's retake, with the deadline above
+    with pytest.raises(StorageError, match="another server is using this database"):
+        await opened(pg_url)
+    await first.write_rows([("k", Record('"still mine"', 3))])  # the same token: not fenced
+    assert not first.fenced and await first.get("k") == '"still mine"'
+    await first.close()
+
+
+def test_a_malformed_url_is_refused_without_its_password() -> None:
+    with pytest.raises(StorageError) as err:
+        PostgresStore("postgresql://postgres:S3cretPW@[::1:1/db3")
+    assert "S3cretPW" not in str(err.value) and "not a valid libpq URL" in str(err.value)
+
+
+@pytest.mark.parametrize("url", ["host=127.0.0.1 port=1 password=S3cretPW dbname=db3",
+                                 "host=h password='S3cretPW x' dbname=db3", "postgresql://u@h/db?password=S3cretPW"])
+def test_config_refusals_never_show_a_password(url: str) -> None:
+    from kvtornado.config import parse_config
+    from kvtornado.errors import ConfigError
+
+    doc = {"storage": {"backend": "postgresql", "url": url}}
+    try:
+        parse_config(doc)
+    except ConfigError as exc:
+        assert "S3cretPW" not in str(exc)
+    else:
+        assert url.startswith("postgresql://")  # a well-formed URL is accepted (its password is used, not shown)
 
 
 @pytest.mark.gen_test
