@@ -95,6 +95,7 @@ _SWEEP = ("DELETE FROM kv WHERE key IN "
           "(SELECT key FROM kv WHERE expires_at <= %s ORDER BY expires_at LIMIT %s)")
 _LIVE = "value IS NOT NULL AND (expires_at IS NULL OR expires_at > %s)"
 _TRY_LOCK = "SELECT pg_try_advisory_lock(%s)"
+_UNLOCK = "SELECT pg_advisory_unlock(%s)"
 # The fencing token: each server writes its own at start-up, and every write transaction checks it. A server
 # whose lock was lost (its session died) while another started cannot write again, even once it has the lock.
 _CLAIM = ("INSERT INTO kv_meta(name, value) VALUES ('owner', %s) "
@@ -269,6 +270,13 @@ class PostgresStore(WriteThrough):
             await self._pool.close()
             self._pool = None
         if self._lock_conn is not None:
+            # Unlocked before the close: a closed session's backend ends a moment later, and until then its lock
+            # would refuse a server started right after this one stopped (a restart).
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    await self._lock_conn.execute(_UNLOCK, (LOCK_KEY,))
+            except (psycopg.Error, TimeoutError):
+                pass  # the session is gone already, and its lock with it
             await self._lock_conn.close()
             self._lock_conn = None
 
