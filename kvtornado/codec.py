@@ -88,14 +88,19 @@ def json_depth(body: bytes) -> int:
     return deepest
 
 
+def too_deep(body: bytes) -> bool:
+    """Whether a JSON text nests deeper than ``MAX_JSON_DEPTH``; only a body with more brackets than that can,
+    so they are counted first (far cheaper than measuring)."""
+    return body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(body) > MAX_JSON_DEPTH
+
+
 def parse_json(body: bytes) -> Any:
     """Decode a JSON body; invalid UTF-8, NaN/Infinity or nesting deeper than 1000 is ``InvalidJSON``."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidJSON("The request body is not valid UTF-8.") from None
-    # Only a body with more than 1000 brackets can nest that deep: count first, it is far cheaper.
-    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(body) > MAX_JSON_DEPTH:
+    if too_deep(body):
         raise InvalidJSON(f"The JSON nests deeper than {MAX_JSON_DEPTH} levels.")
     try:
         return _DECODER.decode(text)
@@ -337,7 +342,7 @@ def only_get_ops(body: bytes) -> bool:
     when it would also be 415, or 400 for its repeated member. A body that is not ``{"ops": [...]}`` at all
     holds no op, and its validation says what is wrong with it; an element of the list that is not
     ``{"op": "get", ...}`` counts as an op other than get."""
-    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(body) > MAX_JSON_DEPTH:
+    if too_deep(body):
         return True  # too deep to be a batch: invalid_json
     try:
         doc = _EVERY_READING.decode(body.decode("utf-8"))

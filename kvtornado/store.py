@@ -16,6 +16,7 @@ import logging
 import os
 import sqlite3
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -197,24 +198,28 @@ def open_store(storage: StorageConfig, *, clock: Callable[[], float] = time.time
     return SqliteStore(storage.path, synchronous=storage.synchronous, clock=clock)
 
 
-class WriteThrough:
+class WriteThrough(ABC):
     """The key/value interface the handlers use (``handlers.KeyValue``), over a store's own ``apply``, ``read``,
     ``range`` and ``sweep_expired``: exercise 3, where every write is committed before it returns."""
 
     clock: Callable[[], float]
 
+    @abstractmethod
     async def read(self, key: str) -> Record | None:
-        raise NotImplementedError
+        """The committed record of ``key`` (expired or not), or None."""
 
+    @abstractmethod
     async def range(self, prefix: str, after: str | None, limit: int, now: float, *,
                     serial: bool = False) -> list[Row]:
-        raise NotImplementedError
+        """Up to ``limit`` live committed rows under ``prefix`` after ``after``, in key order."""
 
+    @abstractmethod
     async def sweep_expired(self, now: float, limit: int = SWEEP_ROWS) -> int:
-        raise NotImplementedError
+        """Delete up to ``limit`` rows expired at ``now``; how many went."""
 
+    @abstractmethod
     async def apply(self, ops: Sequence[Op], *, durable: bool = False, batch: bool = False) -> list[Outcome]:
-        raise NotImplementedError
+        """Apply and commit ``ops`` in one transaction (see ``ops.apply_ops``)."""
 
     async def get_record(self, key: str) -> Record | None:
         """The key's live record, or None when it is absent or expired."""
