@@ -27,7 +27,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: lint typecheck
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4
 
 # Line+branch coverage of kvtornado/ over the whole suite, the exercise processes it starts included.
 coverage: $(STAMP)
