@@ -17,7 +17,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,6 +240,10 @@ def parse_authorization(value: str | None) -> AuthParams:
     return AuthParams(found["keyid"], int(found["ts"]), found["nonce"], found["sig"])
 
 
+def _replayed() -> AuthError:
+    return AuthError("replayed_nonce", "This nonce has been used already; sign each request anew.")
+
+
 class NonceStore:
     """Remembers ``(key_id, nonce)`` while its timestamp is inside the window, never more than ``max_entries``.
 
@@ -443,6 +447,9 @@ class Authenticator:
         self.clock = clock
         self.started_s = started_s
         self.journal = journal
+        # SPEC §10: with the Redis cache, nonces are claimed in Redis (``RedisCache.claim_nonce``), so a request
+        # accepted by one server is refused by every other; the local store and journal are then unused.
+        self.shared_nonces: Callable[[str, str, int, int], Awaitable[bool]] | None = None
         self.nonces = NonceStore(max_entries=max_nonces, max_skew_s=max_skew_s)
 
     def restore(self, entries: list[Entry], *, clean: bool) -> None:
@@ -470,6 +477,10 @@ class Authenticator:
         (``AuthError``s as ``verify``; ``OSError`` when the journal cannot be written: the request is refused)."""
         params = self._verify(authorization=authorization, method=method, host=host, path=path, query=query,
                               body=body, now=None)
+        if self.shared_nonces is not None:
+            if not await self.shared_nonces(params.key_id, params.nonce, params.ts, self.max_skew_s):
+                raise _replayed()
+            return params.key_id
         if self.journal is not None and params.ts > int(self.clock()):
             await self.journal.record(params.key_id, params.nonce, params.ts)
         return params.key_id
@@ -486,6 +497,8 @@ class Authenticator:
         now: float | None = None,
     ) -> str:
         """Return the key id of a valid request, or raise ``AuthError`` with its SPEC §4 code."""
+        if self.shared_nonces is not None:
+            raise RuntimeError("nonces are claimed in Redis: use authenticate()")
         return self._verify(authorization=authorization, method=method, host=host, path=path, query=query,
                             body=body, now=now).key_id
 
@@ -516,6 +529,8 @@ class Authenticator:
                 "The server restarted after this request was signed; sign it anew (see X-KV-Server-Time).",
                 headers={"X-KV-Server-Time": str(int(now))},
             )
+        if self.shared_nonces is not None:
+            return params  # ``authenticate`` claims the nonce in Redis
         if self.nonces.below_floor(params.ts):
             raise AuthError(
                 "stale_timestamp",
@@ -523,6 +538,6 @@ class Authenticator:
                 headers={"X-KV-Server-Time": str(int(now))},
             )
         if self.nonces.seen(params.key_id, params.nonce):
-            raise AuthError("replayed_nonce", "This nonce has been used already; sign each request anew.")
+            raise _replayed()
         self.nonces.add(params.key_id, params.nonce, params.ts, now)
         return params

@@ -20,6 +20,8 @@ from kvtornado.errors import ConfigError
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL")
 WRITES_WHILE_FAILING = ("refuse", "accept")
 STORAGE_BACKENDS = ("sqlite", "postgresql")
+CACHE_BACKENDS = ("memory", "redis")
+_REDIS_URL = re.compile(r"(?:rediss?|unix)://\S*")
 # A libpq URL (SPEC §10): what psycopg is handed as it is; whether it connects is known at start-up.
 _PG_URL = re.compile(r"postgres(?:ql)?://\S*")
 _PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@")
@@ -41,6 +43,7 @@ class ServerConfig:
     idle_timeout_s: int = 120  # an idle keep-alive connection, or one still sending its headers, is closed
     body_timeout_s: int = 60  # a body that takes longer than this to arrive is dropped
     max_connections: int = 10_000  # past this, a new connection gets 503 overloaded and is closed
+    processes: int = 1  # workers sharing the port (0: one per core); other than 1 needs cache.backend: redis
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
+    backend: str = "memory"  # memory (this process) | redis (shared by every process and host, SPEC §10)
+    redis_url: str | None = None  # redis: redis://host:port/db (may hold a password: never logged)
+    reclaim_idle_ms: int = 30_000  # redis: a dead flusher's log entries are taken over after this
     max_entries: int = 100_000
     max_bytes: int = 256 * 1024 * 1024  # clean key+value bytes kept (LRU)
     flush_interval_ms: int = 100
@@ -139,6 +145,7 @@ _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "server.idle_timeout_s": (1, None),
     "server.body_timeout_s": (1, None),
     "server.max_connections": (1, None),
+    "server.processes": (0, None),
     "auth.max_skew_s": (1, None),
     "auth.max_nonces": (1, None),
     "cache.max_entries": (1, None),
@@ -149,10 +156,23 @@ _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "cache.max_dirty": (1, None),
     "cache.durable_timeout_ms": (1, None),
     "cache.shutdown_timeout_s": (1, None),
+    "cache.reclaim_idle_ms": (1, None),
     "limits.max_key_bytes": (1, None),
     "limits.max_value_bytes": (1, None),
     "limits.max_batch_ops": (1, None),
     "limits.max_ttl_s": (1, None),
+}
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "storage.backend": STORAGE_BACKENDS,
+    "cache.backend": CACHE_BACKENDS,
+    "cache.writes_while_failing": WRITES_WHILE_FAILING,
+}
+# URL keys: the pattern a value must match, and how the refusal describes it.
+_URLS: dict[str, tuple[re.Pattern[str], str]] = {
+    "storage.url": (_PG_URL, "a libpq URL such as postgresql://kv@127.0.0.1:5432/kv"),
+    "cache.redis_url": (_REDIS_URL, "a Redis URL such as redis://127.0.0.1:6379/0"),
 }
 
 
@@ -169,20 +189,17 @@ def _check_value(name: str, value: Any, c: _Checker) -> Any:
         if not isinstance(value, str) or value.upper() not in SYNCHRONOUS_MODES:
             raise c.fail(name, "one of " + " | ".join(SYNCHRONOUS_MODES), value)
         return value.upper()
-    if name == "storage.backend":
-        if value not in STORAGE_BACKENDS:
-            raise c.fail(name, "one of " + " | ".join(STORAGE_BACKENDS), value)
+    if name in _CHOICES:
+        if value not in _CHOICES[name]:
+            raise c.fail(name, "one of " + " | ".join(_CHOICES[name]), value)
         return value
-    if name == "storage.url":
+    if name in _URLS:
+        pattern, example = _URLS[name]
         if value is None:
             return None
-        if not isinstance(value, str) or not _PG_URL.fullmatch(value):
+        if not isinstance(value, str) or not pattern.fullmatch(value):
             shown = redact_url(value) if isinstance(value, str) else value
-            raise c.fail(name, "a libpq URL such as postgresql://kv@127.0.0.1:5432/kv, or null", shown)
-        return value
-    if name == "cache.writes_while_failing":
-        if value not in WRITES_WHILE_FAILING:
-            raise c.fail(name, "one of " + " | ".join(WRITES_WHILE_FAILING), value)
+            raise c.fail(name, f"{example}, or null", shown)
         return value
     if name == "auth.public_host":
         if value is None:
@@ -194,16 +211,32 @@ def _check_value(name: str, value: Any, c: _Checker) -> Any:
     return c.text(name, value)  # server.host
 
 
-def _check_storage(values: dict[str, Any], label: str) -> None:
-    """The storage keys that only make sense together: postgresql needs a url, and a url needs postgresql (so
-    a url without the backend never silently serves sqlite)."""
-    backend, url = values.get("backend", StorageConfig.backend), values.get("url")
-    if backend == "postgresql" and url is None:
-        raise ConfigError(f"{label}: storage.url must be a libpq URL such as postgresql://kv@127.0.0.1:5432/kv "
-                          "when storage.backend is postgresql, got null")
-    if backend != "postgresql" and url is not None:
-        raise ConfigError(f"{label}: storage.url is only used with storage.backend: postgresql "
-                          f"(storage.backend is {backend}); remove it or set the backend")
+# Backends that need a URL: section -> (the backend, its URL key, the default backend).
+_URL_BACKENDS = {
+    "storage": ("postgresql", "url", StorageConfig.backend),
+    "cache": ("redis", "redis_url", CacheConfig.backend),
+}
+
+
+def _check_backend_url(section: str, values: dict[str, Any], label: str) -> None:
+    """A backend's URL and the backend only make sense together: postgresql (redis) needs its url, and a url
+    needs its backend (so a url without the backend never silently serves sqlite or the memory cache)."""
+    needs, key, default = _URL_BACKENDS[section]
+    backend, url = values.get("backend", default), values.get(key)
+    if backend == needs and url is None:
+        raise ConfigError(f"{label}: {section}.{key} must be {_URLS[f'{section}.{key}'][1]} "
+                          f"when {section}.backend is {needs}, got null")
+    if backend != needs and url is not None:
+        raise ConfigError(f"{label}: {section}.{key} is only used with {section}.backend: {needs} "
+                          f"({section}.backend is {backend}); remove it or set the backend")
+
+
+def _check_processes(cfg: Config, label: str) -> None:
+    """SPEC §10: several workers need the shared cache; per-process memory caches would disagree."""
+    if cfg.server.processes != 1 and cfg.cache.backend != "redis":
+        raise ConfigError(f"{label}: server.processes must be 1 with cache.backend: {cfg.cache.backend} "
+                          f"(each process would hold its own cache), got {cfg.server.processes}; "
+                          "set cache.backend: redis to run several")
 
 
 def parse_config(data: Any, *, label: str = "config.yaml", base_dir: Path | None = None) -> Config:
@@ -235,12 +268,14 @@ def parse_config(data: Any, *, label: str = "config.yaml", base_dir: Path | None
             values["secret_file"] = base / AuthConfig.secret_file
         if section == "storage" and "path" not in values:
             values["path"] = base / StorageConfig.path
-        if section == "storage":
-            _check_storage(values, label)
+        if section in _URL_BACKENDS:
+            _check_backend_url(section, values, label)
         sections[section] = cls(**values)
     sections.setdefault("auth", AuthConfig(secret_file=base / AuthConfig.secret_file))
     sections.setdefault("storage", StorageConfig(path=base / StorageConfig.path))
-    return Config(**sections)
+    cfg = Config(**sections)
+    _check_processes(cfg, label)
+    return cfg
 
 
 def load_config(path: str | Path) -> Config:

@@ -53,7 +53,7 @@ from kvtornado.store import SWEEP_ROWS, Row, WriteThrough, ordered_batches, pref
 log = logging.getLogger("kvtornado.pgstore")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CONNECT_TIMEOUT_S = 5
 STATEMENT_TIMEOUT_MS = 5000  # like sqlite's busy_timeout: a flush that cannot write by then has failed
 POOL_MAX = 4  # the cache needs a flush, a reservation and a few miss reads at once
@@ -69,6 +69,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX IF NOT EXISTS kv_expires_at ON kv(expires_at) WHERE expires_at IS NOT NULL",
         "INSERT INTO kv_meta(name, value) VALUES ('version_hwm', 0) ON CONFLICT (name) DO NOTHING",
     ),
+    # Tombstones (value NULL, left by the Redis flushers' deletes) are reclaimed by version.
+    1: ("CREATE INDEX IF NOT EXISTS kv_tombstones ON kv(version) WHERE value IS NULL",),
 }
 _META = ("CREATE TABLE IF NOT EXISTS kv_meta(name text PRIMARY KEY, value bigint NOT NULL);"
          "INSERT INTO kv_meta(name, value) VALUES ('schema_version', 0) ON CONFLICT (name) DO NOTHING")
@@ -88,6 +90,7 @@ _UPSERT = (
 )
 _DELETE = ("DELETE FROM kv USING unnest(%s::text[], %s::bigint[]) AS d(key, version) "
            "WHERE kv.key = d.key AND kv.version < d.version")
+_RECLAIM = "DELETE FROM kv WHERE value IS NULL AND version < %s"
 _SELECT = "SELECT value, version, expires_at FROM kv WHERE key = %s"
 _SELECT_MANY = "SELECT key, value, version, expires_at FROM kv WHERE key = ANY(%s)"
 _LOCK_MANY = _SELECT_MANY + " ORDER BY key FOR UPDATE"
@@ -147,8 +150,12 @@ class Taken(StorageError):
 class PostgresStore(WriteThrough):
     """The store of record on PostgreSQL: a pool of autocommit connections and one connection holding the lock."""
 
-    def __init__(self, url: str, *, clock: Callable[[], float] = time.time, pool_max: int = POOL_MAX) -> None:
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.time, pool_max: int = POOL_MAX,
+                 shared: bool = False) -> None:
         self.clock = clock
+        # shared (SPEC §10, cache.backend: redis): every server writes, so no lock and no fencing token; a
+        # delete leaves a tombstone row, so an older write of the key arriving later is refused.
+        self.shared = shared
         try:
             params = conninfo_to_dict(url)
         except psycopg.Error as exc:
@@ -198,10 +205,14 @@ class PostgresStore(WriteThrough):
 
     async def open(self) -> None:
         """Take the lock (one server a database), create or migrate the schema, open the pool."""
-        self._lock_conn = await self._take_lock()
+        self._lock_conn = await (self._connect() if self.shared else self._take_lock())
         try:
             await self._migrate(self._lock_conn)
-            await self._lock_conn.execute(_CLAIM, (self._owner,))
+            if self.shared:  # the connection only served the migration
+                await self._lock_conn.close()
+                self._lock_conn = None
+            else:
+                await self._lock_conn.execute(_CLAIM, (self._owner,))
             pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
                 self._conninfo, min_size=1, max_size=self.pool_max, kwargs={"autocommit": True},
                 timeout=self.timeout_s, open=False, name="kvtornado",
@@ -214,17 +225,22 @@ class PostgresStore(WriteThrough):
                 await pool.close()
                 raise StorageError(f"{self._where}: cannot open the connection pool ({_one_line(exc)})") from None
             self._pool = pool
-            self._watch = asyncio.ensure_future(self._watch_lock())
+            if not self.shared:
+                self._watch = asyncio.ensure_future(self._watch_lock())
         except BaseException:
-            await self._lock_conn.close()
-            self._lock_conn = None
+            if self._lock_conn is not None:
+                await self._lock_conn.close()
+                self._lock_conn = None
             raise
 
-    async def _take_lock(self) -> psycopg.AsyncConnection[Any]:
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
         try:
-            conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+            return await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
         except psycopg.Error as exc:
             raise StorageError(f"{self._where}: cannot connect to PostgreSQL ({_one_line(exc)})") from None
+
+    async def _take_lock(self) -> psycopg.AsyncConnection[Any]:
+        conn = await self._connect()
         try:
             async with asyncio.timeout(self.deadline_s):
                 row = await (await conn.execute(_TRY_LOCK, (LOCK_KEY,))).fetchone()
@@ -282,7 +298,7 @@ class PostgresStore(WriteThrough):
 
     async def _check_lock(self) -> None:
         """Before a write: the lock is still ours (proved at most ``LOCK_CHECK_S`` ago), or taken again."""
-        if time.monotonic() - self._lock_checked < LOCK_CHECK_S:
+        if self.shared or time.monotonic() - self._lock_checked < LOCK_CHECK_S:
             return
         async with self._lock_guard:
             if time.monotonic() - self._lock_checked < LOCK_CHECK_S:
@@ -326,6 +342,8 @@ class PostgresStore(WriteThrough):
 
     async def _check_owner(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Inside a write transaction: this server's token is still the database's (held until the commit)."""
+        if self.shared:
+            return
         row = await (await conn.execute(_FENCE, (self._owner,))).fetchone()
         if row is None:
             self._fence("another server started on this database and replaced this one's fencing token")
@@ -353,10 +371,10 @@ class PostgresStore(WriteThrough):
 
     # -- backend operations (what the write-behind cache uses) ---------------------------------
 
-    @staticmethod
-    async def _put_rows(conn: psycopg.AsyncConnection[Any], rows: Sequence[Row], now: float) -> None:
-        saves = [(_encode(k), r) for k, r in rows if r.value is not None]
-        deletes = [(_encode(k), r.version) for k, r in rows if r.value is None]
+    async def _put_rows(self, conn: psycopg.AsyncConnection[Any], rows: Sequence[Row], now: float) -> None:
+        # Shared: a delete is an upsert of a tombstone (value NULL), version-ordered like a save.
+        saves = [(_encode(k), r) for k, r in rows if r.value is not None or self.shared]
+        deletes = [] if self.shared else [(_encode(k), r.version) for k, r in rows if r.value is None]
         if saves:
             await conn.execute(_UPSERT, (now, [k for k, _ in saves], [r.value for _, r in saves],
                                          [r.version for _, r in saves], [r.expires_at for _, r in saves]))
@@ -415,6 +433,11 @@ class PostgresStore(WriteThrough):
                 rows = await (await conn.execute(sql, args)).fetchall()
             self.reads += 1
         return [(_decode(row[0]), _record(*row[1:])) for row in rows]
+
+    async def reclaim_tombstones(self, below: int) -> int:
+        """Delete the tombstone rows older than ``below`` (no pending write of a lower version remains)."""
+        async with self._conn("sweep") as conn:
+            return int((await conn.execute(_RECLAIM, (below,))).rowcount)
 
     async def sweep_expired(self, now: float, limit: int = SWEEP_ROWS) -> int:
         """Delete at most ``limit`` rows expired at ``now`` (one statement); how many were deleted."""

@@ -23,13 +23,14 @@ from tornado.web import Application
 from kvtornado.app import make_app
 from kvtornado.auth import Authenticator, NonceJournal, load_keys
 from kvtornado.cache import SWEEP_INTERVAL_S, WriteBehindCache
-from kvtornado.config import Config, ServerConfig, load_config
+from kvtornado.config import Config, ServerConfig, load_config, redact_url
 from kvtornado.errors import ConfigError, StorageError
 from kvtornado.handlers import JSON_CONTENT_TYPE, Admission, KeyValue, json_bytes
 from kvtornado.store import SqliteStore, WriteThrough, open_store
 
 if TYPE_CHECKING:
     from kvtornado.pgstore import PostgresStore
+    from kvtornado.rediscache import RedisCache
 
 log = logging.getLogger("kvtornado.server")
 
@@ -143,7 +144,8 @@ def main(argv: list[str], *, exercise: int, default_config: Path) -> int:
         journal = None
         if exercise >= 2:
             keys = load_keys(cfg.auth.secret_file)
-            journal = NonceJournal(nonce_journal_path(cfg, exercise))  # opened by _serve, once the store is
+            if not (exercise >= 4 and cfg.cache.backend == "redis"):  # there the nonces are in Redis (§10)
+                journal = NonceJournal(nonce_journal_path(cfg, exercise))  # opened by _serve, once the store is
             authenticator = Authenticator(
                 keys.secrets, grants=keys.grants, max_skew_s=cfg.auth.max_skew_s, max_nonces=cfg.auth.max_nonces,
                 public_host=cfg.auth.public_host, journal=journal,
@@ -154,7 +156,13 @@ def main(argv: list[str], *, exercise: int, default_config: Path) -> int:
         return 2
     served = False
     try:
-        status = asyncio.run(_serve(cfg, exercise, authenticator))
+        if exercise >= 4 and cfg.server.processes != 1:  # several workers on the Redis cache (SPEC §10)
+            from kvtornado.workers import supervise
+
+            status = supervise(cfg, lambda sockets: _serve(cfg, exercise, authenticator, sockets=sockets,
+                                                           lock=False))
+        else:
+            status = asyncio.run(_serve(cfg, exercise, authenticator))
         served = True
     except (ConfigError, StorageError) as exc:
         print(exc, file=sys.stderr)
@@ -199,7 +207,8 @@ async def _sweep_forever(store: WriteThrough) -> None:
             log.warning("expiry sweep failed: %s", exc)
 
 
-async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None) -> int:
+async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None, *,
+                 sockets: list[socket.socket] | None = None, lock: bool = True) -> int:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     # Stop signals are handled from the start: one that arrives while sqlite opens, or as soon as a supervisor
     # reads the listening line, still gets a graceful stop (and exit 0) rather than a kill or a traceback.
@@ -209,8 +218,10 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
         loop.add_signal_handler(sig, stop.set)
     store: SqliteStore | PostgresStore | None = None
     kv: KeyValue | None = None
+    shared = exercise >= 4 and cfg.cache.backend == "redis"
     if exercise >= 3:
-        store = open_store(cfg.storage)  # storage.backend: sqlite (the default) or postgresql (SPEC §10)
+        # storage.backend: sqlite (the default) or postgresql; shared by every server with the Redis cache (§10)
+        store = open_store(cfg.storage, shared=shared, lock=lock)
         if not isinstance(store, SqliteStore):  # PostgresStore, imported only with that backend
             store.on_fenced = stop.set  # another server took the database over: stop serving at once
         await store.open()
@@ -219,11 +230,23 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
     if exercise == 3:
         assert store is not None
         sweeper = asyncio.ensure_future(_sweep_forever(store))
-    cache: WriteBehindCache | None = None
+    cache: WriteBehindCache | RedisCache | None = None
     if exercise >= 4:
         assert store is not None
-        cache = WriteBehindCache(store, cfg.cache)
-        await cache.start()
+        try:
+            if shared:
+                from kvtornado.rediscache import RedisCache  # redis is imported only for this backend
+
+                assert cfg.cache.redis_url is not None  # the config refuses redis without a url
+                cache = RedisCache(store, cfg.cache, url=cfg.cache.redis_url)
+                if authenticator is not None:
+                    authenticator.shared_nonces = cache.claim_nonce
+            else:
+                cache = WriteBehindCache(store, cfg.cache)
+            await cache.start()
+        except BaseException:
+            await store.close()
+            raise
         kv = cache
     try:
         if authenticator is not None and authenticator.journal is not None:
@@ -237,7 +260,8 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
         admission = Admission()
         app = make_app(cfg, authenticator=authenticator, kv=kv, admin=exercise >= 4, admission=admission)
         server = build_http_server(app, cfg.server)
-        sockets = bind_sockets(cfg.server.port, cfg.server.host)
+        if sockets is None:
+            sockets = bind_sockets(cfg.server.port, cfg.server.host)
         server.add_sockets(sockets)
     except BaseException:
         if sweeper is not None:
@@ -254,6 +278,8 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
         details += f", db {store.where}"
     if exercise >= 4:
         details += f", flush every {cfg.cache.flush_interval_ms} ms"
+        if shared:
+            details += f", cache {redact_url(cfg.cache.redis_url or '')} (shared)"
     log.info("exercise %d listening on http://%s:%d%s", exercise, shown, port, details)
 
     await stop.wait()

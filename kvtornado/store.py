@@ -46,6 +46,26 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
     "INSERT OR IGNORE INTO meta(name, value) VALUES ('version_hwm', 0)",
 )
+# Shared mode (SPEC §10, several flushers): a delete leaves its version here, so an older save of the key that
+# arrives later is refused; reclaimed once no pending write can be older (``reclaim_tombstones``). Created on
+# every open (kv's layout, and so the schema version, are unchanged).
+_TOMBSTONES = ("CREATE TABLE IF NOT EXISTS kv_tombstone(key TEXT PRIMARY KEY, version INTEGER NOT NULL) "
+               "WITHOUT ROWID")
+_GUARDED_UPSERT = (
+    "INSERT INTO kv(key, value, version, expires_at, updated_at) SELECT ?, ?, ?, ?, ? "
+    "WHERE NOT EXISTS (SELECT 1 FROM kv_tombstone WHERE key = ? AND version >= ?) "
+    "ON CONFLICT(key) DO UPDATE SET value = excluded.value, version = excluded.version, "
+    "expires_at = excluded.expires_at, updated_at = excluded.updated_at WHERE kv.version < excluded.version"
+)
+_GUARDED_DELETE = "DELETE FROM kv WHERE key = ? AND version < ?"
+_PUT_TOMBSTONE = (
+    "INSERT INTO kv_tombstone(key, version) SELECT ?, ? WHERE NOT EXISTS "
+    "(SELECT 1 FROM kv WHERE key = ? AND version >= ?) "
+    "ON CONFLICT(key) DO UPDATE SET version = excluded.version WHERE kv_tombstone.version < excluded.version"
+)
+_DROP_TOMBSTONE = "DELETE FROM kv_tombstone WHERE key = ? AND version < ?"
+_RECLAIM = "DELETE FROM kv_tombstone WHERE version < ?"
+_READ_HWM = "SELECT value FROM meta WHERE name = 'version_hwm'"
 # Schema 1 -> 2, in the same transaction as _SCHEMA: every row kept, numbered 1..n in key order.
 _MIGRATE_V1 = (
     "CREATE TABLE kv_v2(key TEXT PRIMARY KEY, value TEXT NOT NULL, version INTEGER NOT NULL, "
@@ -184,18 +204,22 @@ class Store(Protocol):
     async def write_rows(self, rows: Sequence[Row]) -> None: ...
     async def reserve_versions(self, n: int) -> tuple[int, int]: ...
     async def sweep_expired(self, now: float, limit: int = ...) -> int: ...
+    async def reclaim_tombstones(self, below: int) -> int: ...
     async def apply(self, ops: Sequence[Op], *, durable: bool = False, batch: bool = False) -> list[Outcome]: ...
     def stats(self) -> dict[str, Any]: ...
 
 
-def open_store(storage: StorageConfig, *, clock: Callable[[], float] = time.time) -> SqliteStore | PostgresStore:
-    """The store ``storage.backend`` names, not opened yet (psycopg is imported only for postgresql)."""
+def open_store(storage: StorageConfig, *, clock: Callable[[], float] = time.time, shared: bool = False,
+               lock: bool = True) -> SqliteStore | PostgresStore:
+    """The store ``storage.backend`` names, not opened yet (psycopg is imported only for postgresql).
+    ``shared``: written by several flushers (the Redis cache); ``lock``: sqlite takes its one-server lock
+    (a forking parent holds it for its workers)."""
     if storage.backend == "postgresql":
         from kvtornado.pgstore import PostgresStore
 
         assert storage.url is not None  # the config refuses postgresql without a url
-        return PostgresStore(storage.url, clock=clock)
-    return SqliteStore(storage.path, synchronous=storage.synchronous, clock=clock)
+        return PostgresStore(storage.url, clock=clock, shared=shared)
+    return SqliteStore(storage.path, synchronous=storage.synchronous, clock=clock, shared=shared, lock=lock)
 
 
 class WriteThrough(ABC):
@@ -270,8 +294,14 @@ class SqliteStore(WriteThrough):
         synchronous: str = "FULL",
         busy_timeout_ms: int = MAX_BUSY_TIMEOUT_MS,
         clock: Callable[[], float] = time.time,
+        shared: bool = False,
+        lock: bool = True,
     ) -> None:
         self.path = Path(path)
+        # shared: several flushers write (SPEC §10): version-ordered writes with tombstones, versions reserved
+        # in the file itself. lock: take the one-server lock (a forking parent holds it for its workers).
+        self.shared = shared
+        self.lock = lock
         self.synchronous = synchronous
         self.busy_timeout_ms = min(busy_timeout_ms, MAX_BUSY_TIMEOUT_MS)
         self.clock = clock
@@ -309,7 +339,8 @@ class SqliteStore(WriteThrough):
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"{self.path.parent}: cannot create the data folder ({exc.strerror})") from None
-        self._take_lock()
+        if self.lock:
+            self._take_lock()
         try:
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except FileExistsError:
@@ -328,6 +359,8 @@ class SqliteStore(WriteThrough):
             if version < SCHEMA_VERSION:
                 self._migrate(conn, version)
             conn.execute(_PROBE).fetchone()
+            if self.shared:
+                conn.execute(_TOMBSTONES)
             self._hwm = int(conn.execute(_HWM).fetchone()[0])
         except BaseException as exc:
             # Whatever failed after the connection was made, it is closed here: never left to the GC.
@@ -423,6 +456,18 @@ class SqliteStore(WriteThrough):
         conn.executemany(_UPSERT, [(k, r.value, r.version, r.expires_at, now) for k, r in rows if r.value is not None])
         conn.executemany(_DELETE, [(k,) for k, r in rows if r.value is None])
 
+    @staticmethod
+    def _put_rows_guarded(conn: sqlite3.Connection, rows: Sequence[Row], now: float) -> None:
+        """Shared mode: a row only replaces an older version, and a delete leaves a tombstone, so a batch written
+        twice or after a newer one (another flusher's) never undoes a newer write."""
+        for k, r in rows:
+            if r.value is not None:
+                conn.execute(_GUARDED_UPSERT, (k, r.value, r.version, r.expires_at, now, k, r.version))
+                conn.execute(_DROP_TOMBSTONE, (k, r.version))
+            else:
+                conn.execute(_GUARDED_DELETE, (k, r.version))
+                conn.execute(_PUT_TOMBSTONE, (k, r.version, k, r.version))
+
     def _write_rows(self, rows: Sequence[Row]) -> int:
         conn = self._conn(self._wconn)
         now = self.clock()
@@ -431,7 +476,7 @@ class SqliteStore(WriteThrough):
         ordered = sorted(dict(rows).items(), key=itemgetter(0))
         try:
             conn.execute(_BEGIN)
-            self._put_rows(conn, ordered, now)
+            (self._put_rows_guarded if self.shared else self._put_rows)(conn, ordered, now)
             conn.execute(_COMMIT)
             return len(ordered)
         except sqlite3.Error as exc:
@@ -452,6 +497,8 @@ class SqliteStore(WriteThrough):
 
     def _reserve(self, n: int) -> tuple[int, int]:
         conn = self._conn(self._wconn)
+        if self.shared:  # other processes reserve in this file too: the mark is read in the same transaction
+            return self._reserve_shared(conn, n)
         first, last = self._hwm + 1, self._hwm + n
         if last > MAX_SAFE:
             raise StorageError("the versions are used up (2^53 - 1)")
@@ -461,6 +508,34 @@ class SqliteStore(WriteThrough):
             raise StorageError(f"sqlite write failed: {exc}") from None
         self._hwm = last
         return first, last
+
+    def _reserve_shared(self, conn: sqlite3.Connection, n: int) -> tuple[int, int]:
+        try:
+            conn.execute(_BEGIN)
+            hwm = max(self._hwm, int(conn.execute(_READ_HWM).fetchone()[0]))
+            if hwm + n > MAX_SAFE:
+                raise StorageError("the versions are used up (2^53 - 1)")
+            conn.execute(_SET_HWM, (hwm + n,))
+            conn.execute(_COMMIT)
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            raise StorageError(f"sqlite write failed: {exc}") from None
+        except StorageError:
+            self._rollback(conn)
+            raise
+        self._hwm = hwm + n
+        return hwm + 1, hwm + n
+
+    def _reclaim(self, below: int) -> int:
+        conn = self._conn(self._wconn)
+        try:
+            return int(conn.execute(_RECLAIM, (below,)).rowcount) if self.shared else 0
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite sweep failed: {exc}") from None
+
+    async def reclaim_tombstones(self, below: int) -> int:
+        """Shared mode: forget the deletes older than ``below`` (no pending write of a lower version remains)."""
+        return await self._run(self._writer, self._reclaim, below)
 
     async def reserve_versions(self, n: int) -> tuple[int, int]:
         """Reserve the next ``n`` versions: ``(first, last)``, committed before any of them is handed out, so a

@@ -142,6 +142,26 @@ def postgres() -> Iterator[Any]:
         server.remove()
 
 
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One throwaway redis-server for the session (skipped, or failed under KV_REQUIRE_SERVICES=1, without it)."""
+    from tests.services import start_redis
+
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: Any) -> str:
+    """A database of the session's Redis no other test uses; started again if a test left it stopped."""
+    if not redis_server.running():
+        redis_server.start()
+    return str(redis_server.url())
+
+
 @pytest.fixture
 def pg_url(postgres: Any) -> str:
     """A fresh database of the session's PostgreSQL, for one test; started again if a test left it stopped."""

@@ -145,3 +145,69 @@ def start_postgres() -> PostgresServer:
         server.remove()
         raise
     return server
+
+
+REDIS_INSTALL = "apt-get install -y redis-server"
+
+
+class RedisServer:
+    """One ``redis-server`` on an ephemeral port in its own folder, many databases (one per test: ``url()``);
+    ``appendfsync`` set: an append-only file, so a stop and start keeps what it acknowledged."""
+
+    def __init__(self, binary: str, folder: Path, *, appendfsync: str | None = None,
+                 policy: str = "noeviction") -> None:
+        self.binary = binary
+        self.folder = folder
+        self.port = free_port()
+        self.appendfsync = appendfsync
+        self.policy = policy
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dbs = 0
+
+    def start(self) -> None:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+                "--save", "", "--databases", "4096", "--maxmemory-policy", self.policy, "--protected-mode", "no"]
+        if self.appendfsync is not None:
+            args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      cwd=self.folder)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.ping():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start (exit {self._proc.poll()})")
+            time.sleep(0.02)  # polling for the port, with the deadline above
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM: what it acknowledged is in its append-only file when it has one)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait(timeout=START_TIMEOUT_S)
+        self._proc = None
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def url(self, db: int | None = None) -> str:
+        if db is None:
+            self._dbs += 1
+            db = self._dbs
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+
+def start_redis(folder: Path, **options: str | None) -> RedisServer:
+    """A running throwaway ``redis-server``, or skip/fail as ``missing`` says."""
+    binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin:/usr/bin:/bin")
+    if binary is None:
+        missing("Redis (redis-server)", REDIS_INSTALL)
+    assert binary is not None
+    server = RedisServer(binary, folder, **options)  # type: ignore[arg-type]
+    server.start()
+    return server

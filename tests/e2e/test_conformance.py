@@ -1,7 +1,8 @@
 """One behaviour, every pairing (STYLE 20, SPEC §10): the §5/§7 rules run on real ``exercise4.py`` (the
 write-behind cache) and ``exercise3.py`` (write-through) processes over each store of record — sqlite and
 PostgreSQL (a throwaway server, tests/services.py; those pairings are skipped without its binaries and fail
-under ``KV_REQUIRE_SERVICES=1``). Redis pairings join this table when the Redis cache lands.
+under ``KV_REQUIRE_SERVICES=1``), and ``exercise4.py`` with the Redis cache (``cache.backend: redis``, a
+throwaway ``redis-server``) over each.
 
 One server per pairing serves the module (each test has its own key prefix); the restart, second-server and
 outage tests start their own.
@@ -26,16 +27,24 @@ PAIRINGS = [
     pytest.param((4, "postgresql"), id="memory+postgresql"),
     pytest.param((3, "sqlite"), id="write-through+sqlite"),
     pytest.param((3, "postgresql"), id="write-through+postgresql"),
+    pytest.param((4, "sqlite", "redis"), id="redis+sqlite"),
+    pytest.param((4, "postgresql", "redis"), id="redis+postgresql"),
 ]
 
 
 class Pairing:
     """An exercise and a store of record; ``sections`` is the config that selects them."""
 
-    def __init__(self, request: pytest.FixtureRequest, exercise: int, backend: str) -> None:
+    def __init__(self, request: pytest.FixtureRequest, exercise: int, backend: str, cache: str = "memory") -> None:
         self.exercise = exercise
         self.backend = backend
+        self.cache = cache
         self.postgres: Any = None
+        self.redis: Any = None
+        if cache == "redis":
+            self.redis = request.getfixturevalue("redis_server")
+            if not self.redis.running():
+                self.redis.start()
         if backend == "postgresql":
             self.postgres = request.getfixturevalue("postgres")
             if not self.postgres.running():
@@ -45,6 +54,8 @@ class Pairing:
         """A fresh store each call: a new database for PostgreSQL (sqlite's lives in the server's folder)."""
         # A long flush interval: the cache's writes stay pending until a flush is asked for (or a stop).
         sections: dict[str, Any] = {"cache": {"flush_interval_ms": 60_000}}
+        if self.cache == "redis":
+            sections["cache"].update(backend="redis", redis_url=self.redis.url())
         if self.backend == "postgresql":
             sections["storage"] = {"backend": "postgresql", "url": self.postgres.create_db("conf")}
         return sections
@@ -193,6 +204,8 @@ def test_a_restart_keeps_every_value_and_never_reuses_a_version(
 def test_a_second_server_on_the_same_store_refuses_to_start(
     pairing: Pairing, server: ServerProcess, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
+    if pairing.cache == "redis" and pairing.backend == "postgresql":
+        pytest.skip("shared by design: several servers on one Redis and one database (test_several_servers.py)")
     first = Path(server.proc.args[3]).parent  # type: ignore[index]  # ServerProcess: exerciseN.py --config PATH
     config = (first / "config.yaml").read_text()
     if pairing.backend == "sqlite":

@@ -183,7 +183,8 @@ def test_public_host_null_is_accepted(tmp_path: Path) -> None:
         ),
         pytest.param(
             "cache:\n  flush_interval: 5\n",
-            'config.yaml: unknown key "cache.flush_interval"; expected one of cache.max_entries, cache.max_bytes, '
+            'config.yaml: unknown key "cache.flush_interval"; expected one of cache.backend, cache.redis_url, '
+            "cache.reclaim_idle_ms, cache.max_entries, cache.max_bytes, "
             "cache.flush_interval_ms, cache.flush_batch_size, cache.max_dirty, cache.max_dirty_bytes, "
             "cache.writes_while_failing, cache.durable_timeout_ms, cache.shutdown_timeout_s",
             id="unknown-nested-key",
@@ -295,6 +296,45 @@ def test_public_host_null_is_accepted(tmp_path: Path) -> None:
             "storage:\n  backend: postgresql\n  url: 5432\n",
             "config.yaml: storage.url must be a libpq URL such as postgresql://kv@127.0.0.1:5432/kv, or null, got 5432",
             id="int-for-url",
+        ),
+        pytest.param(
+            "cache:\n  backend: redis\n",
+            "config.yaml: cache.redis_url must be a Redis URL such as redis://127.0.0.1:6379/0 when cache.backend "
+            "is redis, got null",
+            id="redis-without-url",
+        ),
+        pytest.param(
+            "cache:\n  redis_url: redis://127.0.0.1:6379/0\n",
+            "config.yaml: cache.redis_url is only used with cache.backend: redis (cache.backend is memory); "
+            "remove it or set the backend",
+            id="redis-url-without-redis",
+        ),
+        pytest.param(
+            "cache:\n  backend: redis\n  redis_url: 'http://u:hunter2@h/0'\n",
+            "config.yaml: cache.redis_url must be a Redis URL such as redis://127.0.0.1:6379/0, or null, "
+            'got "http://u:***@h/0"',
+            id="not-a-redis-url-and-no-password-shown",
+        ),
+        pytest.param(
+            "cache:\n  backend: memcached\n",
+            'config.yaml: cache.backend must be one of memory | redis, got "memcached"',
+            id="unknown-cache-backend",
+        ),
+        pytest.param(
+            "cache:\n  reclaim_idle_ms: 0\n",
+            "config.yaml: cache.reclaim_idle_ms must be an integer >= 1, got 0",
+            id="reclaim-idle-zero",
+        ),
+        pytest.param(
+            "server:\n  processes: 2\n",
+            "config.yaml: server.processes must be 1 with cache.backend: memory (each process would hold its own "
+            "cache), got 2; set cache.backend: redis to run several",
+            id="processes-with-the-memory-cache",
+        ),
+        pytest.param(
+            "server:\n  processes: -1\n",
+            "config.yaml: server.processes must be an integer >= 0, got -1",
+            id="negative-processes",
         ),
         pytest.param(
             "auth:\n  public_host: 'kv example.com'\n",

@@ -57,10 +57,10 @@ async def test_schema_columns_collation_index_and_meta(store: PostgresStore, pg_
     assert cols == [("key", "text", "NO", "C"), ("value", "text", "YES", None), ("version", "bigint", "NO", None),
                     ("expires_at", "double precision", "YES", None), ("updated_at", "double precision", "NO", None)]
     assert query(pg_url, "SELECT indexname FROM pg_indexes WHERE tablename = 'kv' ORDER BY 1") == [
-        ("kv_expires_at",), ("kv_pkey",)]
+        ("kv_expires_at",), ("kv_pkey",), ("kv_tombstones",)]
     meta = dict(query(pg_url, "SELECT name, value FROM kv_meta"))
     assert meta.pop("owner") > 0  # this server's fencing token
-    assert meta == {"schema_version": 1, "version_hwm": 0}
+    assert meta == {"schema_version": 2, "version_hwm": 0}
 
 
 @pytest.mark.gen_test
@@ -68,7 +68,7 @@ async def test_a_newer_schema_is_refused(pg_url: str) -> None:
     s = await opened(pg_url)  # creates the schema; then a newer program pretends to have run
     await s.close()
     query(pg_url, "UPDATE kv_meta SET value = 9 WHERE name = 'schema_version'")
-    with pytest.raises(StorageError, match=r"schema version 9 is newer than this program's \(1\)"):
+    with pytest.raises(StorageError, match=r"schema version 9 is newer than this program's \(2\)"):
         await opened(pg_url)
 
 
@@ -283,3 +283,19 @@ async def test_an_outage_is_a_bounded_storage_error_and_service_resumes(store: P
         assert await store.read("k") == Record('"during"', (await cache.get_record("k")).version)  # type: ignore[union-attr]
     finally:
         await cache.stop(10)
+
+
+@pytest.mark.gen_test
+async def test_a_schema_1_database_gets_the_tombstone_index_and_keeps_its_rows(pg_url: str) -> None:
+    s = await opened(pg_url)
+    await s.write_rows([("k", Record('"v"', 3))])
+    await s.close()
+    query(pg_url, "DROP INDEX kv_tombstones")
+    query(pg_url, "UPDATE kv_meta SET value = 1 WHERE name = 'schema_version'")
+    s = await opened(pg_url)
+    try:
+        assert await s.read("k") == Record('"v"', 3)
+        assert ("kv_tombstones",) in query(pg_url, "SELECT indexname FROM pg_indexes WHERE tablename = 'kv'")
+        assert query(pg_url, "SELECT value FROM kv_meta WHERE name = 'schema_version'") == [(2,)]
+    finally:
+        await s.close()
