@@ -275,7 +275,7 @@ async def test_an_outage_is_a_bounded_storage_error_and_service_resumes(store: P
         deadline = time.monotonic() + 15
         while True:
             try:
-                assert await cache.flush() == 1
+                assert await cache.flush() in (0, 1)  # 0: the periodic flush got there first
                 break
             except Overloaded:
                 assert time.monotonic() < deadline, "no flush succeeded after PostgreSQL came back"
