@@ -59,8 +59,11 @@ K_NONCES = b"kv:nonces"
 RECORD = b"kv:r:"
 NONCE = b"kv:n:"
 GROUP = b"flushers"
-# A clean entry lives at most this long in Redis (so it can be evicted, and the store stays the truth).
+# A clean entry lives at most this long in Redis (so it can be evicted, and the store stays the truth; under
+# noeviction this is what bounds the clean entries' memory). A key the store does not have is remembered for
+# less: a client reading many absent keys must not fill Redis with markers.
 CLEAN_TTL_MS = 3_600_000
+ABSENT_TTL_MS = 60_000
 # G9 across servers: a failed flush marks the store failing for this long, unless a flusher succeeds first
 # (or fails again, which extends it): a flusher that died cannot leave every server refusing writes.
 FAILING_MS = 60_000
@@ -76,7 +79,8 @@ SAFE_POLICIES = ("noeviction", "volatile-lru", "volatile-lfu", "volatile-random"
 # ARGV: refuse durable max_dirty max_dirty_bytes ndraw nchecks [kidx token]* nwrites
 #       [kidx key size rel hasv value expires]* -- kidx: the record's index in KEYS; rel: the write's version
 #       relative to the first drawn (1..ndraw); expires: '' for none.
-# Answers {'OK', base} (version = base + rel), {'CONFLICT'}, {'FAILING', ms}, {'FULL', what, held},
+# Answers {'OK', base} (version = base + rel), {'CONFLICT', n v x per checked key (the records now)},
+# {'FAILING', ms}, {'FULL', what, held},
 # {'NOINIT'} (no counter: Redis lost its memory) or {'NEEDBLOCK'} (the reserved versions are used up).
 _WRITE = """
 local function int(n) return string.format('%d', n) end
@@ -84,7 +88,15 @@ local refuse, durable = ARGV[1] == '1', ARGV[2] == '1'
 local max_dirty, max_bytes, ndraw = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local a = 7
 for i = 1, tonumber(ARGV[6]) do
-  if redis.call('HGET', KEYS[tonumber(ARGV[a])], 'n') ~= ARGV[a + 1] then return {'CONFLICT'} end
+  if redis.call('HGET', KEYS[tonumber(ARGV[a])], 'n') ~= ARGV[a + 1] then
+    local fresh, c = {'CONFLICT'}, 7
+    for j = 1, tonumber(ARGV[6]) do
+      local r = redis.call('HMGET', KEYS[tonumber(ARGV[c])], 'n', 'v', 'x')
+      fresh[#fresh + 1] = r[1]; fresh[#fresh + 1] = r[2]; fresh[#fresh + 1] = r[3]
+      c = c + 2
+    end
+    return fresh
+  end
   a = a + 2
 end
 local nwrites = tonumber(ARGV[a])
@@ -249,7 +261,13 @@ class KeyLocks:
 
 
 class Conflict(Exception):
-    """A record the ops looked at changed before their script ran: apply them again."""
+    """A record the ops looked at changed before their script ran: apply them again, on ``fresh`` (the records
+    Redis holds now, None where it holds none), which the script returned, so the retry needs no read first:
+    it then wins the next round against a server that must read before writing."""
+
+    def __init__(self, fresh: list[Record | None]) -> None:
+        super().__init__()
+        self.fresh = fresh
 
 
 class RedisCache:
@@ -278,7 +296,11 @@ class RedisCache:
         self.policy = "noeviction"
         self._seeding: asyncio.Task[None] | None = None
         self._rounds = 0
-        self._log_len = 0  # entries in the whole log as of the last round: what a graceful stop must see flushed
+        self._log_len = 0  # entries in the whole log as of the last round (a write here adds its own at once)
+        # A graceful stop waits for the entries in the log when it began (the other servers may go on writing):
+        # the newest entry's id then, and the oldest entry's id as of the last round.
+        self._stop_upto: tuple[int, int] | None = None
+        self._oldest: tuple[int, int] | None = None
         self._snapshot: dict[str, Any] = {"dirty": 0, "dirty_bytes": 0, "log": 0, "failing": False}
         self.hits = self.misses = self.conflicts = 0
         self.flush_count = self.flush_rows = self.flush_errors = 0
@@ -292,7 +314,7 @@ class RedisCache:
         self.scheduler = FlushScheduler(
             self.clock, config.flush_interval_ms,
             begin=lambda: self._round(),
-            has_work=lambda: not self._stopping or self._log_len > 0,
+            has_work=lambda: not self._stopping or self._unfinished(),
             wants_next=lambda: self._full,
         )
 
@@ -335,14 +357,31 @@ class RedisCache:
         self.scheduler.start()
         self._sweeper = asyncio.ensure_future(self._sweep_forever())
 
+    def _unfinished(self) -> bool:
+        """Stopping: some entry that was in the log when the stop began may still be uncommitted."""
+        if self._stop_upto is None:
+            return self._log_len > 0  # the newest id could not be read (Redis down): the whole log then
+        return self._oldest is not None and self._oldest <= self._stop_upto
+
     async def stop(self, timeout_s: float) -> int:
-        """Flush the whole log (with the other servers, up to ``timeout_s``); returns the entries left."""
+        """Flush what the log holds now (with the other servers, up to ``timeout_s``), not what they write
+        meanwhile; returns the entries left in the log when that could not be done."""
         self._stopping = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        try:
+            newest = await self.redis.xrevrange(K_LOG, count=1)
+            self._stop_upto = _id(newest[0][0]) if newest else (0, 0)
+            self._oldest = None
+            if newest:
+                self._log_len = max(self._log_len, 1)
+                oldest = await self.redis.xrange(K_LOG, count=1)
+                self._oldest = _id(oldest[0][0]) if oldest else None
+        except RedisError as exc:
+            log.warning("shutdown: Redis cannot be read (%s)", self._why(exc))
         await self.scheduler.finish(timeout_s)
-        left = self._log_len
+        left = self._log_len if self._unfinished() else 0
         if left:
             log.error("shutdown: %d log entries are still pending in Redis (another server, or the next start, "
                       "flushes them)", left)
@@ -406,10 +445,10 @@ class RedisCache:
         raise Overloaded("The keys changed too often to be read; retry shortly.")
 
     async def _keep(self, key: str, record: Record, gen: int, now: float) -> bool:
-        ttl = _clean_ttl_ms(record, now)
+        ttl = _clean_ttl_ms(record, now) if record.value is not None else ABSENT_TTL_MS
         if ttl == 0:
             record = Record(None, 0)  # expired: kept as absent (the store's row is swept later)
-            ttl = CLEAN_TTL_MS
+            ttl = ABSENT_TTL_MS
         try:
             kept = await self._fill(keys=[self._rk(key), K_GEN], args=[
                 gen, record.version, 1 if record.value is not None else 0,
@@ -472,9 +511,12 @@ class RedisCache:
                 return outcomes
             try:
                 base = await self._commit(current, writes, draws, durable)
-            except Conflict:
+            except Conflict as conflict:
                 self.conflicts += 1
-                current = await self._load(need)
+                current = dict(zip(current, conflict.fresh, strict=True))  # type: ignore[arg-type]
+                gone = [k for k, r in current.items() if r is None]
+                if gone:  # evicted or expired meanwhile: from the store again
+                    current.update(await self._load(gone))
                 continue
             fresh = {id(r): r for r in writes.values()}
             for outcome in outcomes:
@@ -523,7 +565,7 @@ class RedisCache:
             if status == b"OK":
                 return int(reply[1])
             if status == b"CONFLICT":
-                raise Conflict()
+                raise Conflict([_record(reply[i:i + 3]) for i in range(1, len(reply), 3)])
             if status == b"FAILING":
                 raise Overloaded("The store is failing: writes are refused until a flush succeeds; retry shortly.",
                                  retry_after_s=min(5, max(1, int(reply[1]) // 1000)))
@@ -561,7 +603,7 @@ class RedisCache:
         args: list[Any] = []
         for key, record in ordered:
             args += [_b(key), record.version, _clean_ttl_ms(record, now) if record.value is not None
-                     else CLEAN_TTL_MS]
+                     else ABSENT_TTL_MS]
         try:
             await self._committed_script(keys=keys, args=args)
             await self.redis.delete(K_FAILING)
@@ -726,10 +768,12 @@ class RedisCache:
                 pipe.zcard(K_PENDING)
                 pipe.get(K_BYTES)
                 pipe.exists(K_FAILING)
-                log_len, dirty, dirty_bytes, failing = await pipe.execute()
+                pipe.xrange(K_LOG, count=1)
+                log_len, dirty, dirty_bytes, failing, oldest = await pipe.execute()
         except RedisError as exc:
             raise self._unreachable(exc) from None
         self._log_len = int(log_len)
+        self._oldest = _id(oldest[0][0]) if oldest else None
         self._snapshot = {"dirty": int(dirty), "dirty_bytes": int(dirty_bytes or 0), "log": int(log_len),
                           "failing": bool(failing)}
 

@@ -281,3 +281,31 @@ async def test_redis_down_is_a_bounded_503_and_service_resumes(servers: Servers,
     await a.open()  # this throwaway Redis keeps nothing across a restart: the group again
     assert (await a.get_record("k")).value == "1"  # type: ignore[union-attr]  # the durable write, from the store
     await a.put("w", "2")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_absent_keys_are_remembered_briefly_and_a_stop_does_not_wait_for_newer_writes(
+    servers: Servers
+) -> None:
+    a, b = await servers.cache(), await servers.cache()
+    r = raw(servers.url)
+    assert await a.get_record("nothing") is None
+    assert 0 < await r.pttl(b"kv:r:nothing") <= rediscache.ABSENT_TTL_MS
+    await a.put("mine", "1")
+    writing = True
+
+    async def keep_writing() -> None:
+        i = 0
+        while writing:
+            i += 1
+            await b.put(f"b{i % 50}", str(i))
+
+    other = asyncio.ensure_future(keep_writing())
+    try:
+        assert await a.stop(10) == 0  # its own write (and what was in the log) committed; b's later ones not waited for
+    finally:
+        writing = False
+        await other
+    servers.caches.remove(a)
+    assert await servers.store.read("mine") == await b.get_record("mine")
+    await r.aclose()
