@@ -295,7 +295,6 @@ class RedisCache:
         self._nonce_zset = self.redis.register_script(_NONCE_ZSET)
         self.policy = "noeviction"
         self._seeding: asyncio.Task[None] | None = None
-        self._rounds = 0
         self._log_len = 0  # entries in the whole log as of the last round (a write here adds its own at once)
         # A graceful stop waits for the entries in the log when it began (the other servers may go on writing):
         # the newest entry's id then, and the oldest entry's id as of the last round.
@@ -307,8 +306,8 @@ class RedisCache:
         self.last_ms = 0.0
         self._full = False  # the last round took a whole batch: another one follows at once
         self._stopping = False
-        self._round_lock = asyncio.Lock()
-        self._key_locks = KeyLocks()  # one round at a time in this process (the tick's, or POST /flush's)
+        self._round_lock = asyncio.Lock()  # one round at a time in this process (the tick's, or POST /flush's)
+        self._key_locks = KeyLocks()
         self._sweeper: asyncio.Task[None] | None = None
         # Every tick polls the log (other servers' writes are in it too); a stopping server until it is empty.
         self.scheduler = FlushScheduler(
