@@ -23,7 +23,7 @@ def _log_request(handler: RequestHandler) -> None:
         req = handler.request
         # The path only: query strings carry keys, and no header (Authorization) is ever logged.
         access_log.log(level, "%d %s %s (%s) %.2fms", status, req.method, req.path, req.remote_ip,
-                       1000.0 * req.request_time())
+                       1000.0 * req.request_time(), extra={"request_id": getattr(handler, "request_id", None)})
 
 
 def make_app(
@@ -46,7 +46,8 @@ def make_app(
     codec.allow_json_depth()
     svc = h.Service(config=config, authenticator=authenticator, kv=kv, admission=admission or h.Admission())
     args = {"svc": svc}
-    routes = [url(r"/ping", h.PingHandler, args)]
+    routes = [url(r"/ping", h.PingHandler, args), url(r"/healthz", h.HealthHandler, args),
+              url(r"/readyz", h.ReadyHandler, args)]
     if authenticator is not None:
         routes.append(url(r"/authorize", h.AuthorizeHandler, args))
     if kv is not None:

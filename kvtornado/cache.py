@@ -43,7 +43,7 @@ from kvtornado.config import CacheConfig
 from kvtornado.errors import DurableTimeout, Overloaded, StorageError
 from kvtornado.ops import SAVE, Op, Outcome, Record, apply_ops, writes_in
 from kvtornado.scheduler import Clock, FlushScheduler, LoopClock, Timer
-from kvtornado.store import VERSION_BLOCK, Row, Store
+from kvtornado.store import VERSION_BLOCK, Row, Store, unanswered
 
 log = logging.getLogger("kvtornado.cache")
 
@@ -384,6 +384,12 @@ class WriteBehindCache:
             return 0
         await self._await_commit(durable=False)
         return n
+
+    async def readiness(self) -> str | None:
+        """SPEC §11 ``/readyz``: None when writes are taken and the store answers, else why not."""
+        if self._refusing_writes:
+            return "The store is failing: writes are refused until a flush succeeds."
+        return await unanswered(self.store)
 
     def stats(self) -> dict[str, Any]:
         s, f = self.stats_, self.stats_.flush

@@ -21,7 +21,8 @@ SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL")
 WRITES_WHILE_FAILING = ("refuse", "accept")
 STORAGE_BACKENDS = ("sqlite", "postgresql")
 CACHE_BACKENDS = ("memory", "redis")
-_REDIS_URL = re.compile(r"(?:rediss?|unix)://\S*")
+# redis-py reads the path as the database number and silently takes 0 for anything else: only digits pass.
+_REDIS_URL = re.compile(r"rediss?://[^/\s?#]*(?:/\d*)?(?:\?\S*)?|unix://\S+")
 # A libpq URL (SPEC §10): what psycopg is handed as it is; whether it connects is known at start-up.
 _PG_URL = re.compile(r"postgres(?:ql)?://\S*")
 _PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -45,6 +47,8 @@ TRANSFER_ENCODING = "Transfer-Encoding"
 AUTHORIZATION = "Authorization"
 HOST = "Host"
 CONNECTION = "Connection"
+REQUEST_ID = "X-Request-Id"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # Every JSON answer carries these (header names are case-insensitive: Tornado normalises them).
 _JSON_HEADERS = ((CONTENT_TYPE, JSON_CONTENT_TYPE), ("Cache-Control", "no-store"))
 _CONDITION_HEADERS = ("If-Match", "If-None-Match")
@@ -61,6 +65,7 @@ class KeyValue(Protocol):
     async def list_keys(self, prefix: str, after: str | None, limit: int) -> list[tuple[str, Record]]: ...
     async def sweep(self) -> int: ...
     async def flush(self) -> int: ...
+    async def readiness(self) -> str | None: ...
     def stats(self) -> dict[str, Any]: ...
 
 
@@ -143,6 +148,10 @@ class BaseHandler(RequestHandler):
 
     def initialize(self, svc: Service) -> None:
         self.svc = svc
+        # SPEC §11: every answer carries X-Request-Id, the client's own when it is a sane token
+        given = self.request.headers.get(REQUEST_ID, "")
+        self.request_id = given if _REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
+        self.set_header(REQUEST_ID, self.request_id)
         self.key_id: str | None = None
         self.grant: Grant = ADMIN_GRANT
         self._kv: KeyValue | None = svc.kv
@@ -305,6 +314,12 @@ class BaseHandler(RequestHandler):
         # Answers are no-store data: no ETag, so no conditional 304 either (and no SHA-1 of every body).
         return None
 
+    def clear(self) -> None:
+        super().clear()  # an error answer starts from clear headers: the request id stays
+        request_id = getattr(self, "request_id", None)
+        if request_id is not None:
+            self.set_header(REQUEST_ID, request_id)
+
     def send_json(self, payload: bytes, status: int = 200) -> None:
         self.set_status(status)
         self._set_json_headers()
@@ -387,6 +402,44 @@ class PingHandler(BaseHandler):
         self.send_json(self._PONG)
 
     do_head = do_get  # Tornado sends the headers of a HEAD answer and never its body
+
+
+class HealthHandler(BaseHandler):
+    """SPEC §11: the process serves (no auth, no store)."""
+
+    auth_required = False
+    _OK = json_bytes({"status": "ok"})
+
+    async def do_get(self) -> None:
+        self.send_json(self._OK)
+
+    do_head = do_get
+
+
+class ReadyHandler(BaseHandler):
+    """SPEC §11: ready when the store (and Redis) answer and the server neither stops nor refuses writes (G9).
+    Answered while stopping too: that is when a load balancer most needs to hear it."""
+
+    auth_required = False
+
+    async def serve(self) -> None:
+        if self.svc.admission.stopping:  # every other route answers 503 overloaded then; this one says why
+            self._unavailable("The server is stopping.")
+            return
+        await super().serve()
+
+    async def do_get(self) -> None:
+        reason = None if self.svc.kv is None else await self.svc.kv.readiness()
+        if reason is None:
+            self.send_json(self._READY)
+        else:
+            self._unavailable(reason)
+
+    do_head = do_get
+    _READY = json_bytes({"status": "ready"})
+
+    def _unavailable(self, reason: str) -> None:
+        self.send_json(json_bytes({"status": "unavailable", "reason": reason}), status=503)
 
 
 class NotFoundHandler(BaseHandler):

@@ -434,6 +434,10 @@ class PostgresStore(WriteThrough):
             self.reads += 1
         return [(_decode(row[0]), _record(*row[1:])) for row in rows]
 
+    async def ping(self) -> None:
+        async with self._conn("ping") as conn:
+            await conn.execute(_PING)
+
     async def reclaim_tombstones(self, below: int) -> int:
         """Delete the tombstone rows older than ``below`` (no pending write of a lower version remains)."""
         async with self._conn("sweep") as conn:

@@ -142,5 +142,8 @@ class ScopedKV:
     async def flush(self) -> int:
         return await self._kv.flush()
 
+    async def readiness(self) -> str | None:
+        return await self._kv.readiness()
+
     def stats(self) -> dict[str, Any]:
         return self._kv.stats()

@@ -49,7 +49,7 @@ from kvtornado.config import CacheConfig, redact_url
 from kvtornado.errors import ConfigError, DurableTimeout, Overloaded, StorageError
 from kvtornado.ops import SAVE, WRITES, Op, Outcome, Record, apply_ops
 from kvtornado.scheduler import Clock, FlushScheduler, LoopClock
-from kvtornado.store import VERSION_BLOCK, Row, Store
+from kvtornado.store import VERSION_BLOCK, Row, Store, unanswered
 
 log = logging.getLogger("kvtornado.rediscache")
 
@@ -300,7 +300,9 @@ class RedisCache:
         # the newest entry's id then, and the oldest entry's id as of the last round.
         self._stop_upto: tuple[int, int] | None = None
         self._oldest: tuple[int, int] | None = None
-        self._snapshot: dict[str, Any] = {"dirty": 0, "dirty_bytes": 0, "log": 0, "failing": False}
+        self._snapshot: dict[str, Any] = {"dirty": 0, "dirty_bytes": 0, "log": 0, "failing": False, "entries": 0,
+                                          "evictions": 0}
+        self._counter_seen = 0  # the version counter as last read (see _apply)
         self.hits = self.misses = self.conflicts = 0
         self.flush_count = self.flush_rows = self.flush_errors = 0
         self.last_ms = 0.0
@@ -335,11 +337,7 @@ class RedisCache:
                 raise ConfigError(f"{self.where}: maxmemory-policy is {policy}, which can evict pending writes; "
                                   "set noeviction or a volatile-* policy (only clean entries have a time to live)")
             self.policy = policy
-            try:
-                await self.redis.xgroup_create(K_LOG, GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            await self._create_group()
             await self._reserve()
             self._log_len = await self.redis.xlen(K_LOG)
         except RedisError as exc:
@@ -405,12 +403,14 @@ class RedisCache:
             async with self.redis.pipeline(transaction=True) as pipe:
                 for key in keys:
                     pipe.hmget(self._rk(key), b"n", b"v", b"x")
+                pipe.get(K_VER)
                 pipe.get(K_GEN)
                 replies = await pipe.execute()
         except RedisError as exc:
             raise self._unreachable(exc) from None
+        self._counter_seen = max(self._counter_seen, int(replies[-2] or 0))
         gen = int(replies[-1] or 0)
-        return [_record(r) for r in replies[:-1]], gen
+        return [_record(r) for r in replies[:-2]], gen
 
     async def _load(self, keys: Sequence[str]) -> dict[str, Record]:
         """Every key's current record, as a condition may compare it: from Redis, or read from the store and
@@ -499,17 +499,20 @@ class RedisCache:
                      batch: bool) -> list[Outcome]:
         for _ in range(MAX_ATTEMPTS):
             draws = 0
+            # Versions are drawn by the script; until then they count on from the counter as last read, so a
+            # refusal that names one (a batch's 412 after an earlier op) names a version never handed out.
+            guess = self._counter_seen
 
-            def draw() -> int:
+            def draw(guess: int = guess) -> int:
                 nonlocal draws
                 draws += 1
-                return draws  # relative: the script adds the counter's value
+                return guess + draws
 
             outcomes, writes = apply_ops(ops, current.get, self.wall(), draw, batch=batch)
             if not writes and not need:
                 return outcomes
             try:
-                base = await self._commit(current, writes, draws, durable)
+                base = await self._commit(current, writes, draws, guess, durable)
             except Conflict as conflict:
                 self.conflicts += 1
                 current = dict(zip(current, conflict.fresh, strict=True))  # type: ignore[arg-type]
@@ -522,7 +525,7 @@ class RedisCache:
                 if outcome.op.kind in WRITES and outcome.record is not None:
                     fresh[id(outcome.record)] = outcome.record
             for record in fresh.values():
-                record.version += base
+                record.version += base - guess
             self._log_len += len(writes)
             if writes and durable:
                 try:
@@ -534,7 +537,8 @@ class RedisCache:
             return outcomes
         raise Overloaded("Too many concurrent writes to these keys; retry shortly.")
 
-    async def _commit(self, seen: dict[str, Record], writes: dict[str, Record], draws: int, durable: bool) -> int:
+    async def _commit(self, seen: dict[str, Record], writes: dict[str, Record], draws: int, guess: int,
+                      durable: bool) -> int:
         """Run ``_WRITE``: the base of the drawn versions; ``Conflict`` when a record it saw changed."""
         keys = [K_VER, K_CEIL, K_LOG, K_PENDING, K_BYTES, K_FAILING]
         index: dict[str, int] = {}
@@ -553,7 +557,7 @@ class RedisCache:
         for key, record in writes.items():
             raw_key = _b(key)
             raw_value = b"" if record.value is None else _b(record.value)
-            args += [kidx(key), raw_key, len(raw_key) + len(raw_value), record.version,
+            args += [kidx(key), raw_key, len(raw_key) + len(raw_value), record.version - guess,
                      0 if record.value is None else 1, raw_value, _expires(record)]
         for _ in range(3):
             try:
@@ -698,6 +702,8 @@ class RedisCache:
                 log.warning("flush failed (%s); the log keeps its entries, retrying with backoff from %d ms",
                             exc, self.scheduler.backoff_ms)
             await self._mark_failing()
+            with contextlib.suppress(Overloaded):
+                await self._refresh()  # /stats shows the failure (unless Redis is what failed)
             if fail_fast:
                 raise Overloaded(f"The flush failed ({exc}); pending writes stay pending and will be retried.",
                                  retry_after_s=self.scheduler.retry_after_s()) from None
@@ -720,6 +726,29 @@ class RedisCache:
     async def _take(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """This flusher's own unacknowledged entries, then a dead flusher's, then new ones."""
         try:
+            return await self._take_entries(count)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise self._unreachable(exc) from None
+        # Redis lost its memory (a restart without persistence): the log and its group are created again, and
+        # the version counter restarts above the store's mark; what was in the lost log is what Redis lost.
+        log.warning("Redis at %s has no flushers' group (it lost its data): creating it again", self.where)
+        try:
+            await self._create_group()
+        except RedisError as exc:
+            raise self._unreachable(exc) from None
+        await self._reserve()
+        return await self._take_entries(count)
+
+    async def _create_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(K_LOG, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _take_entries(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        try:
             got: list[tuple[bytes, dict[bytes, bytes]]] = []
             own = await self.redis.xreadgroup(GROUP, self.consumer, {K_LOG: "0"}, count=count)
             got += [e for e in (own[0][1] if own else []) if e[1]]
@@ -730,6 +759,8 @@ class RedisCache:
             if len(got) < count:
                 new = await self.redis.xreadgroup(GROUP, self.consumer, {K_LOG: ">"}, count=count - len(got))
                 got += new[0][1] if new else []
+        except ResponseError:
+            raise  # NOGROUP, for _take
         except RedisError as exc:
             raise self._unreachable(exc) from None
         self._full = len(got) >= count
@@ -766,15 +797,20 @@ class RedisCache:
                 pipe.xlen(K_LOG)
                 pipe.zcard(K_PENDING)
                 pipe.get(K_BYTES)
-                pipe.exists(K_FAILING)
+                pipe.get(K_FAILING)
+                pipe.time()
                 pipe.xrange(K_LOG, count=1)
-                log_len, dirty, dirty_bytes, failing, oldest = await pipe.execute()
+                pipe.dbsize()
+                pipe.info("stats")
+                log_len, dirty, dirty_bytes, failing, now, oldest, entries, info = await pipe.execute()
         except RedisError as exc:
             raise self._unreachable(exc) from None
         self._log_len = int(log_len)
         self._oldest = _id(oldest[0][0]) if oldest else None
+        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
         self._snapshot = {"dirty": int(dirty), "dirty_bytes": int(dirty_bytes or 0), "log": int(log_len),
-                          "failing": bool(failing)}
+                          "failing": failing is not None and int(failing) > now_ms,
+                          "entries": int(entries), "evictions": int(info.get("evicted_keys", 0))}
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -792,15 +828,32 @@ class RedisCache:
             log.debug("sweep failed: %s", exc)
         return 0
 
+    async def readiness(self) -> str | None:
+        """SPEC §11 ``/readyz``: Redis and the store answer and no flusher's failure refuses writes."""
+        try:
+            failing = await self.redis.get(K_FAILING)
+            if failing is not None and self.config.writes_while_failing == "refuse":
+                now = await self.redis.time()
+                if int(failing) > int(now[0]) * 1000 + int(now[1]) // 1000:
+                    return "The store is failing: writes are refused on every server until a flush succeeds."
+        except RedisError as exc:
+            return f"Redis at {self.where} does not answer ({self._why(exc)})."
+        return await unanswered(self.store)
+
     def stats(self) -> dict[str, Any]:
         snap = self._snapshot
+        failing = bool(snap["failing"]) or self.scheduler.streak > 0
         return {
-            "cache": {"backend": "redis", "hits": self.hits, "misses": self.misses, "conflicts": self.conflicts,
-                      "dirty": snap["dirty"], "dirty_bytes": snap["dirty_bytes"], "log_entries": snap["log"],
+            # entries: every key Redis holds (records, the log, nonces...); evictions: Redis's evicted_keys.
+            "cache": {"backend": "redis", "entries": snap["entries"], "hits": self.hits, "misses": self.misses,
+                      "evictions": snap["evictions"], "conflicts": self.conflicts, "dirty": snap["dirty"],
+                      "dirty_bytes": snap["dirty_bytes"], "log_entries": snap["log"],
                       "max_dirty": self.config.max_dirty, "max_dirty_bytes": self.config.max_dirty_bytes},
             "flush": {"count": self.flush_count, "rows": self.flush_rows, "errors": self.flush_errors,
-                      "last_ms": round(self.last_ms, 3), "failing": snap["failing"] or self.scheduler.streak > 0,
-                      "refusing_writes": snap["failing"] and self.config.writes_while_failing == "refuse",
+                      "last_ms": round(self.last_ms, 3), "failing": failing,
+                      # acknowledged writes waiting for a retry after a failed flush, cluster-wide (0 when healthy)
+                      "pending_retry": snap["dirty"] if failing else 0,
+                      "refusing_writes": failing and self.config.writes_while_failing == "refuse",
                       "interval_ms": self.config.flush_interval_ms},
         }
 

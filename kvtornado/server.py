@@ -20,6 +20,7 @@ from tornado.iostream import IOStream, StreamClosedError
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
+from kvtornado import logs
 from kvtornado.app import make_app
 from kvtornado.auth import Authenticator, NonceJournal, load_keys
 from kvtornado.cache import SWEEP_INTERVAL_S, WriteBehindCache
@@ -114,6 +115,8 @@ def parse_args(argv: list[str], *, exercise: int, default_config: Path) -> argpa
     p.add_argument("--host", help="address to listen on (overrides server.host)")
     p.add_argument("--port", type=int, help="port to listen on, 0 for any free port (overrides server.port)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default="text", choices=logs.FORMATS,
+                   help="text, or json: one object a line (time, level, logger, message, request_id)")
     return p.parse_args(argv)
 
 
@@ -133,11 +136,7 @@ def _with_overrides(cfg: Config, host: str | None, port: int | None) -> Config:
 def main(argv: list[str], *, exercise: int, default_config: Path) -> int:
     """Run one exercise until SIGINT/SIGTERM; returns the process exit status."""
     args = parse_args(argv, exercise=exercise, default_config=default_config)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(args.log_level, args.log_format)
     try:
         cfg = _with_overrides(load_config(args.config), args.host, args.port)
         authenticator = None
@@ -152,7 +151,7 @@ def main(argv: list[str], *, exercise: int, default_config: Path) -> int:
             )
     except ConfigError as exc:
         # SPEC §3: the refusal is the one line itself, starting with the file it is about.
-        print(exc, file=sys.stderr)
+        logs.refuse(str(exc))
         return 2
     served = False
     try:
@@ -165,10 +164,10 @@ def main(argv: list[str], *, exercise: int, default_config: Path) -> int:
             status = asyncio.run(_serve(cfg, exercise, authenticator))
         served = True
     except (ConfigError, StorageError) as exc:
-        print(exc, file=sys.stderr)
+        logs.refuse(str(exc))
         return 2
     except OSError as exc:  # e.g. the port is taken
-        print(f"cannot listen on {cfg.server.host}:{cfg.server.port} ({exc.strerror})", file=sys.stderr)
+        logs.refuse(f"cannot listen on {cfg.server.host}:{cfg.server.port} ({exc.strerror})")
         return 2
     except KeyboardInterrupt:  # Ctrl-C before the loop took over SIGINT: nothing was served, nothing to flush
         log.info("interrupted during start-up")

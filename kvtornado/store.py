@@ -205,8 +205,18 @@ class Store(Protocol):
     async def reserve_versions(self, n: int) -> tuple[int, int]: ...
     async def sweep_expired(self, now: float, limit: int = ...) -> int: ...
     async def reclaim_tombstones(self, below: int) -> int: ...
+    async def ping(self) -> None: ...
     async def apply(self, ops: Sequence[Op], *, durable: bool = False, batch: bool = False) -> list[Outcome]: ...
     def stats(self) -> dict[str, Any]: ...
+
+
+async def unanswered(store: Store | WriteThrough) -> str | None:
+    """Why ``store`` is not ready (``/readyz``, one sentence), or None when it answers."""
+    try:
+        await store.ping()
+    except StorageError as exc:
+        return f"The store does not answer ({exc})."
+    return None
 
 
 def open_store(storage: StorageConfig, *, clock: Callable[[], float] = time.time, shared: bool = False,
@@ -282,6 +292,14 @@ class WriteThrough(ABC):
 
     async def flush(self) -> int:
         return 0  # nothing is ever pending in a write-through store
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """One trivial statement: ``StorageError`` when the store does not answer."""
+
+    async def readiness(self) -> str | None:
+        """SPEC §11 ``/readyz``: None when the store answers, else why not (one sentence)."""
+        return await unanswered(self)
 
 
 class SqliteStore(WriteThrough):
@@ -532,6 +550,15 @@ class SqliteStore(WriteThrough):
             return int(conn.execute(_RECLAIM, (below,)).rowcount) if self.shared else 0
         except sqlite3.Error as exc:
             raise StorageError(f"sqlite sweep failed: {exc}") from None
+
+    def _ping(self) -> None:
+        try:
+            self._conn(self._rconn).execute(_PROBE).fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite read failed: {exc}") from None
+
+    async def ping(self) -> None:
+        await self._run(self._reader, self._ping)
 
     async def reclaim_tombstones(self, below: int) -> int:
         """Shared mode: forget the deletes older than ``below`` (no pending write of a lower version remains)."""

@@ -27,6 +27,7 @@ from typing import Any
 
 from tornado.netutil import bind_sockets
 
+from kvtornado import logs
 from kvtornado.config import Config
 from kvtornado.locks import LockHeld, lock_path, take_lock
 
@@ -107,7 +108,7 @@ def _run_workers(n: int, sockets: list[socket.socket], serve: Serve) -> int:
             try:
                 status = asyncio.run(serve(sockets))
             except BaseException as exc:  # a worker reports and ends; the parent decides what follows
-                print(f"worker {number}: {exc}", file=sys.stderr)
+                logs.refuse(f"worker {number}: {exc}")
             finally:
                 logging.shutdown()
                 sys.stderr.flush()

@@ -56,13 +56,16 @@ DOC = yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
 LABELS = [f"{method.upper()} {path}" for path, item in DOC["paths"].items() for method in item]
 
 
+PUBLIC = ("GET /ping", "HEAD /ping", "GET /healthz", "GET /readyz")  # SPEC §5, §11: no signature
+
+
 def _is_protected(label: str) -> bool:
-    return label not in ("GET /ping", "HEAD /ping")
+    return label not in PUBLIC
 
 
 def _signed_runs() -> list[tuple[str, GenerationMode]]:
     """Every operation with valid data; with invalid data too, unless it has nothing to make invalid
-    (``GET /ping`` takes no parameter, no body and no credentials)."""
+    (``GET /ping``, ``/healthz`` and ``/readyz`` take no parameter, no body and no credentials)."""
     runs = []
     for path, item in DOC["paths"].items():
         for method, op in item.items():
@@ -139,7 +142,8 @@ def session() -> Iterator[requests.Session]:
 
 # What valid, signed data must reach at least once per operation: the work itself, not only refusals.
 REACHED = {
-    "GET /ping": {200}, "GET /authorize": {200}, "POST /authorize": {200}, "POST /save": {200},
+    "GET /ping": {200}, "GET /healthz": {200}, "GET /readyz": {200},
+    "GET /authorize": {200}, "POST /authorize": {200}, "POST /save": {200},
     "POST /flush": {200}, "GET /stats": {200}, "GET /keys": {200}, "POST /incr": {200}, "POST /batch": {200},
     # 200 or 404: a valid, signed request reached the key/value store.
     "GET /get": {200, 404}, "DELETE /delete": {200, 404}, "POST /delete": {200, 404},
@@ -438,6 +442,7 @@ def test_the_schema_documents_every_operation_of_spec_section_5() -> None:
     expected = {
         "GET /ping", "HEAD /ping", "GET /authorize", "POST /authorize", "POST /save", "GET /get", "DELETE /delete",
         "POST /delete", "GET /keys", "POST /incr", "POST /batch", "POST /flush", "GET /stats",
+        "GET /healthz", "GET /readyz",
     }
     assert set(LABELS) == expected
     for path, item in DOC["paths"].items():

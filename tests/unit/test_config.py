@@ -316,6 +316,12 @@ def test_public_host_null_is_accepted(tmp_path: Path) -> None:
             id="not-a-redis-url-and-no-password-shown",
         ),
         pytest.param(
+            "cache:\n  backend: redis\n  redis_url: 'redis://127.0.0.1:6379/notanumber'\n",
+            "config.yaml: cache.redis_url must be a Redis URL such as redis://127.0.0.1:6379/0, or null, "
+            'got "redis://127.0.0.1:6379/notanumber"',
+            id="redis-url-with-a-database-that-is-not-a-number",
+        ),
+        pytest.param(
             "cache:\n  backend: memcached\n",
             'config.yaml: cache.backend must be one of memory | redis, got "memcached"',
             id="unknown-cache-backend",

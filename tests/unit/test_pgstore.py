@@ -269,6 +269,7 @@ async def test_an_outage_is_a_bounded_storage_error_and_service_resumes(store: P
             await store.put("w", "1")
         assert time.monotonic() - started < 2 * store.deadline_s
         await cache.put("k", '"during"')  # acknowledged from memory; the flushes fail and keep it
+        assert "does not answer" in (await cache.readiness() or "")  # /readyz: 503
         await asyncio.to_thread(postgres.start)
         # POST /flush fails fast on a failed attempt, and the pool's first reconnect may still meet a server
         # that is starting up: service resumes by itself when a flush succeeds within a bounded time.

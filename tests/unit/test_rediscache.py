@@ -144,7 +144,7 @@ async def test_max_dirty_and_max_dirty_bytes_count_every_server(servers: Servers
 async def test_a_failed_flush_makes_every_server_refuse_until_a_success_or_the_mark_expires(
     servers: Servers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    a, b = await servers.cache(), await servers.cache()
+    a, b = await servers.cache(), await servers.cache(durable_timeout_ms=300)
     write_rows = servers.store.write_rows
 
     async def failing(rows: Any) -> None:
@@ -157,15 +157,24 @@ async def test_a_failed_flush_makes_every_server_refuse_until_a_success_or_the_m
     with pytest.raises(Overloaded, match="store is failing"):
         await b.put("other", "2")  # G9 across servers
     with pytest.raises(DurableTimeout):
+        await b.flush()  # a holds the entries (and retries them); b's rounds see the shared mark
+    assert "refused on every server" in (await b.readiness() or "")  # /readyz: 503 on every server
+    flush = b.stats()["flush"]
+    assert flush["refusing_writes"] and flush["failing"] and flush["pending_retry"] == 1
+    with pytest.raises(DurableTimeout):
         await b.put("durable", "3", durable=True)  # applied, not committed: it stays pending (504, not 503)
     assert (await a.get_record("durable")).value == "3"  # type: ignore[union-attr]
     monkeypatch.setattr(servers.store, "write_rows", write_rows)
     assert await a.flush() == 2  # its failed round's entries are its own to retry (b would wait for them)
     await a.put("other", "2")
     assert await servers.store.read("durable") == await a.get_record("durable")
+    assert await b.flush() == 1  # a's write of "other"
+    assert not b.stats()["flush"]["refusing_writes"]
+    assert await b.readiness() is None
     # A flusher that fails and then dies: the mark expires by itself.
     monkeypatch.setattr(rediscache, "FAILING_MS", 300)
     monkeypatch.setattr(servers.store, "write_rows", failing)
+    await a.put("again", "5")
     with pytest.raises(Overloaded):
         await a.flush()
     monkeypatch.setattr(servers.store, "write_rows", write_rows)
@@ -201,12 +210,14 @@ async def test_versions_stay_above_every_one_handed_out_when_redis_loses_its_mem
     versions = [await a.put(f"k{i}", str(i)) for i in range(5)]
     await a.flush()
     r = raw(servers.url)
-    await r.flushdb()  # Redis restarted without persistence
+    await r.flushdb()  # Redis restarted without persistence, under running servers
     await r.aclose()
-    await a.open()  # the consumer group again (a server restart does this)
     again = await a.put("k0", '"again"')
     assert again > max(versions)
     assert (await a.get_record("k1")).value == "1"  # type: ignore[union-attr]  # from the store
+    assert await a.flush() == 1  # the log and its group are made again by themselves
+    assert await servers.store.read("k0") == Record('"again"', again)
+    await a.put("k2", "3")  # and writes are not refused afterwards
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -275,10 +286,11 @@ async def test_redis_down_is_a_bounded_503_and_service_resumes(servers: Servers,
             await a.get_record("k")
         with pytest.raises(Overloaded, match="Redis"):
             await a.put("w", "2")
+        assert "Redis" in (await a.readiness() or "")
         assert time.monotonic() - started < 4 * rediscache.SOCKET_TIMEOUT_S
     finally:
         await asyncio.to_thread(redis_server.start)
-    await a.open()  # this throwaway Redis keeps nothing across a restart: the group again
+    # This throwaway Redis keeps nothing across a restart: the cache makes its counter and group again itself.
     assert (await a.get_record("k")).value == "1"  # type: ignore[union-attr]  # the durable write, from the store
     await a.put("w", "2")
 
@@ -309,3 +321,24 @@ async def test_absent_keys_are_remembered_briefly_and_a_stop_does_not_wait_for_n
     servers.caches.remove(a)
     assert await servers.store.read("mine") == await b.get_record("mine")
     await r.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_batch_refusal_names_a_version_no_write_ever_had(servers: Servers) -> None:
+    a = await servers.cache()
+    v = await a.put("cv", "1")
+    with pytest.raises(VersionMismatch) as err:
+        await a.apply([Op("save", "cv", value="2"), Op("save", "cv", value="3", if_version=v)], batch=True)
+    assert err.value.extra["current_version"] > v  # what the first op would have had, as on the memory cache
+    assert await a.put("other", "1") > v
+    assert (await a.get_record("cv")) == Record("1", v)  # nothing written
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_stats_have_the_fields_every_cache_has(servers: Servers) -> None:
+    a = await servers.cache()
+    await a.put("k", "1")
+    await a.flush()
+    stats = a.stats()
+    assert {"entries", "hits", "misses", "evictions", "dirty"} <= set(stats["cache"])
+    assert stats["cache"]["entries"] >= 1 and stats["flush"]["pending_retry"] == 0
