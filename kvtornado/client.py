@@ -28,6 +28,7 @@ import json
 import os
 import select
 import socket
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -330,11 +331,18 @@ class KVClient(_ClientCore):
     that answer is read and raised as ``KVClientError``, not the broken pipe of the unfinished upload.
     """
 
-    def __init__(self, base_url: str, signer: Signer | None, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, base_url: str, signer: Signer | None, *, timeout_s: float = 30.0,
+                 cafile: str | None = None) -> None:
         super().__init__(base_url, signer, timeout_s=timeout_s)
         parts = urlsplit(self.base_url)
-        conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        self._conn = conn_cls(parts.hostname or "", parts.port, timeout=timeout_s)  # hostname: checked above
+        self._conn: http.client.HTTPConnection
+        if parts.scheme == "https":
+            # The system's CAs, or only ``cafile``'s (a private CA); the host name is always checked.
+            context = ssl.create_default_context(cafile=cafile)
+            self._conn = http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=timeout_s,
+                                                     context=context)
+        else:
+            self._conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout_s)
 
     def close(self) -> None:
         self._conn.close()
@@ -465,11 +473,13 @@ class AsyncKVClient(_ClientCore):
     from ``Content-Length`` arrives before the body is sent and is raised as ``KVClientError``.
     """
 
-    def __init__(self, base_url: str, signer: Signer | None, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, base_url: str, signer: Signer | None, *, timeout_s: float = 30.0,
+                 cafile: str | None = None) -> None:
         from tornado.httpclient import AsyncHTTPClient
 
         super().__init__(base_url, signer, timeout_s=timeout_s)
         self._http = AsyncHTTPClient()
+        self._cafile = cafile
 
     async def request(
         self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: bytes = b"",
@@ -493,7 +503,7 @@ class AsyncKVClient(_ClientCore):
                 body=req.body if req.body or req.method in _BODY_METHODS else None,
                 allow_nonstandard_methods=True, raise_error=False, request_timeout=self.timeout_s,
                 follow_redirects=False,  # a signature is for one URL: never resent elsewhere
-                expect_100_continue=len(req.body) > _ASK_FIRST_BYTES,
+                expect_100_continue=len(req.body) > _ASK_FIRST_BYTES, ca_certs=self._cafile,
             )
         except (ConnectionRefusedError, socket.gaierror) as exc:
             raise KVConnectionError(self.base_url, exc) from exc
@@ -603,6 +613,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="server URL, e.g. http://127.0.0.1:8888 (default: from the config's "
                                  "server.host and server.port)")
     p.add_argument("--key-id", metavar="ID", help="key id to sign with (default: the first in the keys file)")
+    p.add_argument("--cafile", metavar="PEM", help="trust only this CA for an https:// server (default: the "
+                   "system's CAs)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            help="one of these (each takes --help):")
 
@@ -707,10 +719,10 @@ def _read_ops(arg: str) -> list[Any]:
     return doc
 
 
-def _server_url(host: str, port: int) -> str:
+def _server_url(host: str, port: int, scheme: str = "http") -> str:
     # A server bound to every interface is reached on loopback.
     host = host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"  # noqa: S104
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def _stdout_to_devnull() -> None:
@@ -780,14 +792,15 @@ def cli(argv: list[str] | None = None) -> int:
         url: str | None = args.url
         if args.command != "ping" or url is None:  # ping is unsigned: it needs no keys file
             cfg = load_config(args.config)
-            url = url or _server_url(cfg.server.host, cfg.server.port)
+            url = url or _server_url(cfg.server.host, cfg.server.port,
+                                     "https" if cfg.server.tls_cert is not None else "http")
             if args.command != "ping":
                 keys = load_keys(cfg.auth.secret_file, create=False).secrets
                 key_id = args.key_id or next(iter(keys), None)
                 if key_id not in keys:
                     raise _UsageError(f"key id {key_id!r} is not in {cfg.auth.secret_file}")
                 signer = Signer(key_id, keys[key_id])
-        client = KVClient(url, signer)
+        client = KVClient(url, signer, cafile=args.cafile)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE

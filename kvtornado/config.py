@@ -45,6 +45,8 @@ class ServerConfig:
     body_timeout_s: int = 60  # a body that takes longer than this to arrive is dropped
     max_connections: int = 10_000  # past this, a new connection gets 503 overloaded and is closed
     processes: int = 1  # workers sharing the port (0: one per core); other than 1 needs cache.backend: redis
+    tls_cert: Path | None = None  # both set: HTTPS only (PEM files; SPEC §11)
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,8 @@ def _check_value(name: str, value: Any, c: _Checker) -> Any:
         return c.integer(name, value, low, high)
     if name in ("auth.secret_file", "storage.path"):
         return c.path(name, value)
+    if name in ("server.tls_cert", "server.tls_key"):
+        return None if value is None else c.path(name, value)
     if name == "storage.synchronous":
         # YAML 1.1 reads a bare OFF (or off/no/false) as the boolean false: that is what the user wrote.
         if value is False:
@@ -232,6 +236,14 @@ def _check_backend_url(section: str, values: dict[str, Any], label: str) -> None
                           f"({section}.backend is {backend}); remove it or set the backend")
 
 
+def _check_tls(cfg: Config, label: str) -> None:
+    """HTTPS needs both files: one alone would serve plain HTTP where the operator asked for TLS."""
+    cert, key = cfg.server.tls_cert, cfg.server.tls_key
+    if (cert is None) != (key is None):
+        given, missing = ("server.tls_cert", "server.tls_key") if key is None else ("server.tls_key", "server.tls_cert")
+        raise ConfigError(f"{label}: {missing} must be set too when {given} is (both, or neither), got null")
+
+
 def _check_processes(cfg: Config, label: str) -> None:
     """SPEC §10: several workers need the shared cache; per-process memory caches would disagree."""
     if cfg.server.processes != 1 and cfg.cache.backend != "redis":
@@ -276,6 +288,7 @@ def parse_config(data: Any, *, label: str = "config.yaml", base_dir: Path | None
     sections.setdefault("storage", StorageConfig(path=base / StorageConfig.path))
     cfg = Config(**sections)
     _check_processes(cfg, label)
+    _check_tls(cfg, label)
     return cfg
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -93,12 +94,30 @@ class KVHTTPServer(HTTPServer):
             stream.close()
 
 
+def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
+    """SPEC §11: with ``server.tls_cert`` and ``server.tls_key``, HTTPS only (TLS 1.2 or later); a file that
+    cannot be read or does not hold a certificate and its key stops start-up with one line."""
+    if server.tls_cert is None or server.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(server.tls_cert, server.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc.args[-1] if exc.args else exc)
+        raise ConfigError(f"server.tls_cert/server.tls_key: cannot load {server.tls_cert} and {server.tls_key} "
+                          f"({why})") from None
+    return context
+
+
 def build_http_server(app: Application, server: ServerConfig | None = None) -> KVHTTPServer:
-    """The HTTP server every exercise (and the test suite) uses, with our body, time and connection limits."""
+    """The HTTP server every exercise (and the test suite) uses, with our body, time and connection limits,
+    HTTPS when the config names a certificate."""
     server = server or ServerConfig()
     return KVHTTPServer(
         app, max_body_size=_TORNADO_MAX_BODY, idle_connection_timeout=float(server.idle_timeout_s),
         body_timeout=float(server.body_timeout_s), max_connections=server.max_connections,
+        ssl_options=tls_context(server),
     )
 
 
@@ -139,6 +158,7 @@ def main(argv: list[str], *, exercise: int, default_config: Path) -> int:
     logs.setup(args.log_level, args.log_format)
     try:
         cfg = _with_overrides(load_config(args.config), args.host, args.port)
+        tls_context(cfg.server)  # a certificate that cannot be loaded is refused before anything is opened
         authenticator = None
         journal = None
         if exercise >= 2:
@@ -279,7 +299,8 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
         details += f", flush every {cfg.cache.flush_interval_ms} ms"
         if shared:
             details += f", cache {redact_url(cfg.cache.redis_url or '')} (shared)"
-    log.info("exercise %d listening on http://%s:%d%s", exercise, shown, port, details)
+    scheme = "https" if cfg.server.tls_cert is not None else "http"
+    log.info("exercise %d listening on %s://%s:%d%s", exercise, scheme, shown, port, details)
 
     await stop.wait()
     log.info("signal received: stopping")

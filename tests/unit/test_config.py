@@ -338,6 +338,16 @@ def test_public_host_null_is_accepted(tmp_path: Path) -> None:
             id="processes-with-the-memory-cache",
         ),
         pytest.param(
+            "server:\n  tls_cert: cert.pem\n",
+            "config.yaml: server.tls_key must be set too when server.tls_cert is (both, or neither), got null",
+            id="tls-cert-without-key",
+        ),
+        pytest.param(
+            "server:\n  tls_key: key.pem\n",
+            "config.yaml: server.tls_cert must be set too when server.tls_key is (both, or neither), got null",
+            id="tls-key-without-cert",
+        ),
+        pytest.param(
             "server:\n  processes: -1\n",
             "config.yaml: server.processes must be an integer >= 0, got -1",
             id="negative-processes",
