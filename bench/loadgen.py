@@ -10,7 +10,9 @@ itself: this speaks just enough HTTP/1.1 (``Content-Length`` framing, which is w
 finished response) and signs with an HMAC state precomputed over the constant prefix of the string to sign.
 
 It also counts every 2xx answer of every phase (``ok_total``: what /incr's exactness check compares with),
-and how busy other processes kept its own core.
+and how busy other processes kept its own core. The server's CPU and RSS are summed over ``server_pids``
+when the spec has them (a server with forked workers, and the Redis it uses), else ``server_pid``'s; the
+CPU of the processes ``cpu_parts`` names is also given apart (``part_cpu_pct``).
 
 Two workloads look at the answers, not just the status: ``keys`` pages through ``/keys?limit=100`` by
 following each answer's cursor (so a connection's next request depends on its last answer) and checks every
@@ -365,6 +367,10 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
         signer = FastSigner(KEY_ID, secret, host)
     traffic_for = request_builder(spec, signer, host)
     server_pid = spec.get("server_pid")
+    # Every process that serves (forked workers, the Redis the server keeps its cache in): their CPU and memory
+    # count as the server's, and ``cpu_parts`` names some of them to show their share apart.
+    server_pids = [int(p) for p in spec.get("server_pids") or ([server_pid] if server_pid else [])]
+    parts = {name: [int(p) for p in pids] for name, pids in spec.get("cpu_parts", {}).items()}
     server_core = spec.get("server_core")  # None when not pinned: then nobody else's load can be told apart
     client_core = spec.get("client_core")
     n = int(spec["connections"])
@@ -378,12 +384,15 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
         conns.append(proto)
 
     marks: dict[str, float] = {}
+    parts0: dict[str, float] = {}
+    parts1: dict[str, float] = {}
     stopped = asyncio.Event()
 
     def start_measuring() -> None:
         marks["wall0"], marks["cpu0"] = perf_counter(), time.process_time()
-        if server_pid:
-            marks["srv0"] = proc_cpu_s(server_pid)
+        if server_pids:
+            marks["srv0"] = cpu_s(server_pids)
+            parts0.update((name, cpu_s(pids)) for name, pids in parts.items())
         if server_core is not None:
             marks["core0"] = core_busy_s(server_core)
         if client_core is not None:
@@ -394,8 +403,9 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
         if run.stopping:  # the count was reached before the time was up
             return
         marks["wall1"], marks["cpu1"] = perf_counter(), time.process_time()
-        if server_pid:
-            marks["srv1"] = proc_cpu_s(server_pid)
+        if server_pids:
+            marks["srv1"] = cpu_s(server_pids)
+            parts1.update((name, cpu_s(pids)) for name, pids in parts.items())
         if server_core is not None:
             marks["core1"] = core_busy_s(server_core)
         if client_core is not None:
@@ -445,16 +455,21 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
         "errors_by_kind": dict(run.errors),
         "error_samples": run.samples,
         "client_cpu_pct": round(100 * client_cpu / wall, 1) if wall > 0 else 0.0,
-        "server_cpu_pct": round(100 * server_cpu / wall, 1) if wall > 0 and server_pid else None,
+        "server_cpu_pct": round(100 * server_cpu / wall, 1) if wall > 0 and server_pids else None,
+        "part_cpu_pct": {name: round(100 * (parts1[name] - parts0[name]) / wall, 1) for name in parts1 if wall > 0},
         "server_core_other_pct": round(100 * other / wall, 1) if other is not None and wall > 0 else None,
         "client_core_other_pct": round(100 * other_client / wall, 1) if other_client is not None and wall > 0 else None,
         # The nonce store grows with every signed request (up to auth.max_nonces): watch the server's memory.
-        "server_rss_mb": round(rss_bytes(server_pid) / 2**20, 1) if server_pid else None,
+        "server_rss_mb": round(sum(map(rss_bytes, server_pids)) / 2**20, 1) if server_pids else None,
         "client_cpu_us_per_req": round(1e6 * client_cpu / count, 1) if count else None,
-        "server_cpu_us_per_req": round(1e6 * server_cpu / count, 1) if count and server_pid else None,
+        "server_cpu_us_per_req": round(1e6 * server_cpu / count, 1) if count and server_pids else None,
         # What the workload's answer checks counted (the keys workload: pages, keys, pending-only keys seen).
         "seen": dict(sum((c.traffic.counts for c in conns), Counter())),
     }
+
+
+def cpu_s(pids: list[int]) -> float:
+    return sum(map(proc_cpu_s, pids))
 
 
 def main() -> int:
