@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import socket
 import string
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -69,6 +70,13 @@ async def preload_rows(store: SqliteStore, seed: int, count: int, *, name: Calla
     await writing
 
 
+def free_port() -> int:
+    """A port nothing listens on now (the kernel's choice; the server started on it binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def hot_keys(seed: int, preloaded: int, hot: int) -> list[str]:
     """``hot`` keys drawn from the preloaded ones, the same for a given seed."""
     rng = random.Random(f"{seed}:hot")
@@ -83,6 +91,18 @@ def proc_cpu_s(pid: int) -> float:
     fields = text[text.rindex(")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
     return (utime + stime) / CLK_TCK
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live children of a process (every thread's), from ``/proc/PID/task/*/children``."""
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
+                found += [int(x) for x in f.read().split()]
+    except OSError:  # the process (or a thread of it) is gone
+        pass
+    return sorted(found)
 
 
 def core_busy_s(core: int) -> float:

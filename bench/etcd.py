@@ -18,13 +18,12 @@ import http.client
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import key_name, preload_value, value_pool
+from bench.common import free_port, key_name, preload_value, value_pool
 from bench.run import CONCURRENT, PRELOADED_KEYS, SERVER_START_TIMEOUT_S, SERVER_STOP_TIMEOUT_S, log, measure
 
 ETCD = "/usr/bin/etcd"
@@ -39,13 +38,6 @@ def version(binary: str) -> str | None:
         return None
     first = out.splitlines()[0] if out else ""
     return first.split(":", 1)[1].strip() if first.startswith("etcd Version:") else None
-
-
-def free_port() -> int:
-    """A port nothing listens on now (the kernel's choice; etcd binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _b64(text: str) -> str:

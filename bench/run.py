@@ -14,8 +14,9 @@ did not stop cleanly: an honest bench has zero errors.
 Beside the grid (SPEC §9): /batch of 100 get and of 100 save ops, durable /save and /incr on one key at 16
 connections (both exercises); /keys?limit=100 latency with 100 000 pending writes over 1 000 000 stored keys
 (bench/listing.py); the read cache's memory per entry (bench/flush_bench.py's measure); etcd's range and put
-through the same load generator (bench/etcd.py). ``--cells`` picks the groups. The report ends with issue 10's
-targets, each with its ratio to the target.
+through the same load generator (bench/etcd.py); exercise 4's cached /get and /save with ``cache.backend: redis``
+at 1 and ``nproc`` processes against the memory cache (bench/redis_cells.py). ``--cells`` picks the groups. The
+report ends with issue 10's and issue 12's targets, each with its ratio to the target.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ EXERCISES = (3, 4)
 WORKLOADS = ("ping", "get", "save", "mix")  # the grid: each at every --connections count
 # Beside the grid (SPEC §9), on both exercises: batches at the highest connection count, the rest at CONCURRENT.
 EXTRA_WORKLOADS = ("batch_get", "batch_save", "save_durable", "incr")
+# The redis group (bench/redis_cells.py): these grid workloads at every --connections count, on the Redis cache
+# and on exercise 4's memory cache of the same run.
+REDIS_WORKLOADS = ("get", "save")
 WORKLOAD_TITLES = {
     "ping": "GET /ping", "get": "GET /get (hot)", "save": "POST /save", "mix": "90/10 get/save",
     "save_durable": "POST /save?durable=1", "batch_get": "POST /batch, 100 get ops",
@@ -60,13 +64,16 @@ BATCH_OPS = 100
 # Durable /save and /incr (and the /save durable is compared with) run at this many connections.
 CONCURRENT = 16
 # The groups of cells --cells picks and --skip leaves out: the grid and the cells beside it on the 10 000-key
-# servers, /keys on 1 000 000 keys (bench/listing.py), the read cache's memory per entry, etcd (bench/etcd.py).
-GROUPS = ("grid", "extra", "keys", "memory", "etcd")
+# servers, /keys on 1 000 000 keys (bench/listing.py), the read cache's memory per entry, etcd (bench/etcd.py),
+# exercise 4 on the Redis cache (bench/redis_cells.py).
+GROUPS = ("grid", "extra", "keys", "memory", "etcd", "redis")
 KEYS_REQUESTS = 2_000  # measured /keys requests (a fixed count: the cell is about latency)
 MEMORY_ENTRIES = 100_000
 # Issue 10's targets for the new cells.
 KEYS_P99_MS = 20.0
 MEMORY_BYTES_PER_ENTRY = 400.0
+# Issue 12's: one process on the Redis cache (Redis on the same machine) against one on the memory cache.
+REDIS_OVER_MEMORY = 0.6
 PRELOADED_KEYS = 10_000
 HOT_KEYS = 1_000
 # /save draws from this many keys: the 10 000 preloaded ones are updated, the rest are inserted.
@@ -131,11 +138,11 @@ async def preload(db: Path, seed: int, count: int) -> None:
         await store.close()
 
 
-def prepare(folder: Path, secret: str, seed: int) -> Path:
+def prepare(folder: Path, secret: str, seed: int, config_text: str = CONFIG_TEMPLATE) -> Path:
     folder.mkdir(mode=0o700)
     write_keys_file(folder / "bench.keys", secret)
     config = folder / "config.yaml"
-    config.write_text(CONFIG_TEMPLATE, encoding="utf-8")
+    config.write_text(config_text, encoding="utf-8")
     asyncio.run(preload(folder / "kv.sqlite3", seed, PRELOADED_KEYS))
     return config
 
@@ -168,9 +175,9 @@ def listening_port(pid: int) -> int | None:
 class Server:
     """``python exerciseN.py --config CFG --port 0 --log-level WARNING``, pinned, stderr to a file."""
 
-    def __init__(self, exercise: int, config: Path, folder: Path, pin: list[str]) -> None:
+    def __init__(self, exercise: int, config: Path, folder: Path, pin: list[str], *, name: str = "") -> None:
         self.exercise = exercise
-        self.name = f"exercise {exercise}"
+        self.name = name or f"exercise {exercise}"
         self.stderr_path = folder / "server.stderr"
         cmd = [*pin, sys.executable, str(ROOT / f"exercise{exercise}.py"), "--config", str(config),
                "--port", "0", "--log-level", "WARNING"]
@@ -318,16 +325,30 @@ def incr_hooks(server: Server, secret: str) -> tuple[Callable[[int], dict[str, A
     return spec_for, after
 
 
+def redis_plan(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """The redis group's cells: (workload, connections), on each Redis-cache server and on the memory cache."""
+    return [(w, n) for w in REDIS_WORKLOADS for n in args.connections]
+
+
+def exercise_plan(exercise: int, args: argparse.Namespace, *, memory_baseline: bool) -> list[tuple[str, int]]:
+    """The cells an exercise runs: the grid's and the extra ones as picked; with ``memory_baseline``, exercise 4
+    also runs the memory-cache cells the redis group compares with that the grid did not (so the ratios are
+    always of one run)."""
+    plan = [] if "grid" not in args.cells else [(w, n) for w in WORKLOADS for n in args.connections]
+    plan += [] if "extra" not in args.cells else extra_cells(args)
+    if exercise >= 4 and memory_baseline:
+        plan += [c for c in redis_plan(args) if c not in plan]
+    return plan
+
+
 def bench_exercise(exercise: int, work: Path, secret: str, args: argparse.Namespace,
-                   pins: tuple[list[str], list[str]]) -> dict[str, Any]:
+                   pins: tuple[list[str], list[str]], plan: list[tuple[str, int]]) -> dict[str, Any]:
     folder = work / f"exercise{exercise}"
     config = prepare(folder, secret, args.seed)
     server = Server(exercise, config, folder, pins[0])
     cells: list[dict[str, Any]] = []
     stats: Any = None
     try:
-        plan = [] if "grid" not in args.cells else [(w, n) for w in WORKLOADS for n in args.connections]
-        plan += [] if "extra" not in args.cells else extra_cells(args)
         for workload, n in plan:
             spec_for, after = incr_hooks(server, secret) if workload == "incr" else (None, None)
             cells.append(measure(server, folder, workload, n, args, pins, spec_for=spec_for, after=after))
@@ -351,6 +372,10 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}"
 
 
+def _fmt(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}"
+
+
 def _cell(results: dict[str, Any], exercise: int | str, workload: str, n: int) -> dict[str, Any] | None:
     for run in results["runs"]:
         if run["exercise"] == exercise:
@@ -361,8 +386,12 @@ def _cell(results: dict[str, Any], exercise: int | str, workload: str, n: int) -
 
 
 def bottleneck(cell: dict[str, Any]) -> str:
-    """Which side limited this cell: the saturated CPU, or neither (latency: fsync, round trips)."""
+    """Which side limited this cell: the saturated CPU, or neither (latency: fsync, round trips). A cell with
+    ``shared_cores`` pinned nothing: there only all the cores together can be saturated."""
     server, client = cell.get("server_cpu_pct") or 0.0, cell["client_cpu_pct"]
+    shared = cell.get("shared_cores")
+    if shared:
+        return "all cores" if server + client >= SATURATED_PCT * shared else "latency"
     if server >= SATURATED_PCT:
         return "server CPU"
     if client >= SATURATED_PCT:
@@ -379,7 +408,7 @@ def _target(name: str, measured: float, goal: float, kind: str, detail: str) -> 
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 10's speed targets against this run (exercise 4), for the cells that ran."""
+    """Issue 10's and issue 12's speed targets against this run (exercise 4), for the cells that ran."""
     conns = results["params"]["connections"]
     top = max(conns)
     out: list[dict[str, Any]] = []
@@ -436,6 +465,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if durable is not None and put16:
         out.append(_target(f"durable /save ÷ etcd put, req/s, x{CONCURRENT}", durable / put16, 0.80, "at_least",
                            f"{durable:,.0f} vs {put16:,.0f} req/s"))
+    # Per process: the 1-process Redis run. The nproc run has no target (an aggregate of shared cores).
+    for workload, n in results["params"].get("redis_cells", []):
+        redis, memory = rps(workload, n, "redis-1"), rps(workload, n)
+        if redis is not None and memory:
+            title = "cached /get" if workload == "get" else f"/{workload}"
+            out.append(_target(f"Redis cache, 1 process: {title} ÷ memory cache's, req/s, x{n}", redis / memory,
+                               REDIS_OVER_MEMORY, "at_least", f"{redis:,.0f} vs {memory:,.0f} req/s"))
     return out
 
 
@@ -467,9 +503,23 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
               c.get("server_core_other_pct"), "client_core_other_pct": c.get("client_core_other_pct"),
               "attempts": c.get("attempts")}
              for run in results["runs"] for c in run["cells"] if (cell_noise(c) or 0.0) >= NOISY_PCT]
+    redis_vs_memory = []
+    for run in results["runs"]:
+        if str(run["exercise"]).startswith("redis-"):
+            for c in run["cells"]:
+                m = _cell(results, 4, c["workload"], c["connections"])
+                if m:
+                    lat, mlat = c["latency_ms"], m["latency_ms"]
+                    redis_vs_memory.append({
+                        "run": run["exercise"], "processes": run["processes"], "workload": c["workload"],
+                        "connections": c["connections"], "memory_rps": m["rps"],
+                        "rps": round(c["rps"] / m["rps"], 3) if m["rps"] else None,
+                        "p50": round(lat["p50"] / mlat["p50"], 3) if mlat["p50"] else None,
+                        "p99": round(lat["p99"] / mlat["p99"], 3) if mlat["p99"] else None})
     return {
         "ratios_ex4_over_ex3": ratios,
         "get_over_ping": get_vs_ping,
+        "redis_over_memory": redis_vs_memory,
         "targets": targets(results),
         "loadgen_bottleneck": bool(client_bound) or not ceiling,
         "loadgen_max_cpu_pct": busiest["client_cpu_pct"] if busiest else None,
@@ -485,6 +535,44 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
                              if c.get("listing", {}).get("pending_ok") is False],
         "noisy_cells": noisy,
     }
+
+
+def redis_markdown(results: dict[str, Any]) -> list[str]:
+    """The redis group's table (each cell against exercise 4's memory cache, same workload and connections) and
+    how each of its runs ran and ended."""
+    a = results["analysis"]
+    runs = {run["exercise"]: run for run in results["runs"] if str(run["exercise"]).startswith("redis-")}
+    if not runs:
+        return []
+    out = ["", "Redis cache (exercise 4, `cache.backend: redis`, Redis on this machine) ÷ the memory cache (exercise "
+           "4, one process, same run); server CPU is kvtornado's processes and Redis's together:",
+           "", "| server | workload | conns | req/s | p50 ms | p99 ms | memory cache req/s | req/s ÷ memory "
+           "| p50 ÷ memory | p99 ÷ memory | server CPU % | of it Redis % | of it each worker % | limited by |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in a["redis_over_memory"]:
+        run = runs[r["run"]]
+        c = next(c for c in run["cells"] if c["workload"] == r["workload"] and c["connections"] == r["connections"])
+        lat, parts = c["latency_ms"], c["part_cpu_pct"]
+        workers = " / ".join(_pct(v) for k, v in parts.items() if k.startswith("worker")) or "—"
+        out.append(f"| {run['name']} | {WORKLOAD_TITLES[c['workload']]} | {c['connections']} | {c['rps']:,.0f} "
+                   f"| {lat['p50']:.2f} | {lat['p99']:.2f} | {r['memory_rps']:,.0f} | {_fmt(r['rps'])} "
+                   f"| {_fmt(r['p50'])} | {_fmt(r['p99'])} | {_pct(c['server_cpu_pct'])} "
+                   f"| {_pct(parts.get('redis'))} | {workers} | {bottleneck(c)} |")
+    out.append("")
+    for run in runs.values():
+        if not run["pinned"]:
+            out.append(f"{run['name']}: nothing pinned — the load generator, the {run['processes']} workers and "
+                       f"Redis shared the machine's {results['environment']['cpus']} cores, so its req/s are the "
+                       "aggregate of the whole machine less what the load generator took, against one "
+                       "memory-cache process on one core; its server CPU % adds up every core (at most "
+                       f"{100 * results['environment']['cpus']}), and no target applies to it.")
+        left = run["redis"]["left"]
+        out.append(f"{run['name']}: {run['redis']['name']} exited with status {run['redis']['exit_status']}; "
+                   f"the server exited with {run['exit_status']} on SIGTERM, leaving "
+                   + (f"{left['log_entries']} log entries and {left['pending_keys']} pending keys in Redis"
+                      if left is not None else "Redis unreadable") + ".")
+        out += [f"{run['name']}: FAILED: {f}." for f in run["failures"]]
+    return out
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -519,6 +607,7 @@ def markdown(results: dict[str, Any]) -> str:
     if a["get_over_ping"]:
         out += ["", "Signed /get ÷ /ping on the same server (req/s): " + "; ".join(
             f"exercise {g['exercise']} x{g['connections']}: {g['ratio']:.2f}" for g in a["get_over_ping"]) + "."]
+    out += redis_markdown(results)
     if a["targets"]:
         out += ["", "Targets (exercise 4 unless the row says otherwise; measured ÷ target: at least 1 is met for a "
                 "floor, below 1 for a ceiling):",
@@ -659,6 +748,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="cache entries of the memory cell (default: %(default)s; fewer inflate bytes/entry with "
                    "the process's fixed growth)")
     p.add_argument("--etcd", help="the etcd binary of the etcd cells (default: etcd on PATH, else /usr/bin/etcd)")
+    p.add_argument("--redis-server", help="the redis-server binary of the redis cells (default: redis-server on "
+                   "PATH, else /usr/bin/redis-server)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder (default: %(default)s)")
     args = p.parse_args(argv)
     args.duration = args.duration if args.duration is not None else (3.0 if args.quick else 10.0)
@@ -701,6 +792,16 @@ def run_etcd(results: dict[str, Any], work: Path, args: argparse.Namespace,
     results["runs"].append(etcd.bench_etcd(path, release, work, args, pins))
 
 
+def run_redis(results: dict[str, Any], work: Path, secret: str, args: argparse.Namespace,
+              pins: tuple[list[str], list[str]], path: str, release: str) -> None:
+    from bench import redis_cells  # imports this module: not at the top
+
+    for processes in redis_cells.process_counts():
+        log(f"Redis {release}, server.processes: {processes}: starting redis-server, preloading {PRELOADED_KEYS} "
+            "keys and starting the server")
+        results["runs"].append(redis_cells.bench_redis(path, release, processes, work, secret, args, pins))
+
+
 def run_listing(results: dict[str, Any], work: Path, secret: str, args: argparse.Namespace,
                 pins: tuple[list[str], list[str]]) -> None:
     from bench import listing  # imports this module: not at the top
@@ -729,6 +830,7 @@ def main(argv: list[str] | None = None) -> int:
                    "batch_ops": BATCH_OPS, "concurrent": CONCURRENT,
                    "extra_cells": [] if "extra" not in args.cells else extra_cells(args),
                    "keys_requests": args.keys_requests, "memory_entries": args.memory_entries,
+                   "redis_cells": [] if "redis" not in args.cells else redis_plan(args),
                    "noisy_pct": NOISY_PCT},
         "environment": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "loadavg_before": list(os.getloadavg()), "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
@@ -737,14 +839,26 @@ def main(argv: list[str] | None = None) -> int:
     if not pins[0]:
         log("warning: taskset or a second core is missing: server and load generator share the CPU")
     results["skipped"] = []
+    # Looked for first: exercise 4 measures the memory cache's side of the redis cells only when they run.
+    redis_server, redis_release = None, ""
+    if "redis" in args.cells:
+        from bench import redis_cells  # imports this module: not at the top
+
+        redis_server, redis_release = redis_cells.binary(args)
+        if redis_server is None:
+            log(f"redis: skipped: {redis_release}")
+            results["skipped"].append({"cells": "redis", "reason": redis_release})
     with tempfile.TemporaryDirectory(prefix="kvbench-") as tmp:
         work = Path(tmp)
-        if {"grid", "extra"} & args.cells:
-            for exercise in EXERCISES:
+        for exercise in EXERCISES:
+            plan = exercise_plan(exercise, args, memory_baseline=redis_server is not None)
+            if plan:
                 log(f"exercise {exercise}: preloading {PRELOADED_KEYS} keys and starting the server")
-                results["runs"].append(bench_exercise(exercise, work, secret, args, pins))
+                results["runs"].append(bench_exercise(exercise, work, secret, args, pins, plan))
         if "etcd" in args.cells:
             run_etcd(results, work, args, pins)
+        if redis_server is not None:
+            run_redis(results, work, secret, args, pins, redis_server, redis_release)
         if "keys" in args.cells:
             run_listing(results, work, secret, args, pins)
         if "memory" in args.cells:
@@ -782,6 +896,9 @@ def main(argv: list[str] | None = None) -> int:
         if run["exit_status"] != 0:
             failed = True
             log(f"FAILED: {run['name']} exited with status {run['exit_status']} on SIGTERM:\n{run['stderr_tail']}")
+        for failure in run.get("failures", []):
+            failed = True
+            log(f"FAILED: {run['name']}: {failure}")
     return 1 if failed else 0
 
 
