@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +90,18 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    port: int | None = None  # when set: Prometheus text at http://server.host:port/metrics, no auth (SPEC §11)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = None  # the file this came from; None for built-in defaults
 
 
@@ -105,6 +111,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "storage": StorageConfig,
     "cache": CacheConfig,
     "limits": LimitsConfig,
+    "metrics": MetricsConfig,
 }
 
 
@@ -206,6 +213,13 @@ def _check_value(name: str, value: Any, c: _Checker) -> Any:
             shown = redact_url(value) if isinstance(value, str) else value
             raise c.fail(name, f"{example}, or null", shown)
         return value
+    if name == "metrics.port":
+        # No 0 ("any free port"): Prometheus has to be told where to scrape.
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            raise c.fail(name, "an integer between 1 and 65535, or null", value)
+        return value
     if name == "auth.public_host":
         if value is None:
             return None
@@ -252,6 +266,19 @@ def _check_processes(cfg: Config, label: str) -> None:
                           "set cache.backend: redis to run several")
 
 
+def _check_metrics(cfg: Config, label: str) -> None:
+    """The metrics have no auth, so never on the API port; and forked workers cannot all bind one port."""
+    port = cfg.metrics.port
+    if port is None:
+        return
+    if port == cfg.server.port:
+        raise ConfigError(f"{label}: metrics.port must differ from server.port (the metrics have no auth and "
+                          f"never share the API's port), got {port}")
+    if cfg.server.processes != 1:
+        raise ConfigError(f"{label}: metrics.port must be null when server.processes is not 1 (the workers "
+                          f"cannot share one metrics port), got {port}")
+
+
 def parse_config(data: Any, *, label: str = "config.yaml", base_dir: Path | None = None) -> Config:
     """Validate an already-parsed YAML document (``None`` means empty) into a ``Config``."""
     base = (base_dir or Path.cwd()).resolve()
@@ -289,6 +316,7 @@ def parse_config(data: Any, *, label: str = "config.yaml", base_dir: Path | None
     cfg = Config(**sections)
     _check_processes(cfg, label)
     _check_tls(cfg, label)
+    _check_metrics(cfg, label)
     return cfg
 
 
@@ -310,4 +338,4 @@ def load_config(path: str | Path) -> Config:
         problem = getattr(exc, "problem", None) or "syntax error"
         raise ConfigError(f"{label}: not valid YAML{where}: {problem}") from None
     cfg = parse_config(data, label=label, base_dir=p.resolve().parent)
-    return Config(cfg.server, cfg.auth, cfg.storage, cfg.cache, cfg.limits, source=p.resolve())
+    return replace(cfg, source=p.resolve())

@@ -11,6 +11,7 @@ from kvtornado.config import (
     CacheConfig,
     Config,
     LimitsConfig,
+    MetricsConfig,
     ServerConfig,
     StorageConfig,
     load_config,
@@ -41,7 +42,7 @@ def refusal(path: Path) -> str:
     [
         pytest.param("", id="empty-file"),
         pytest.param("# only a comment\n", id="only-comment"),
-        pytest.param("server:\nauth:\nstorage:\ncache:\nlimits:\n", id="empty-sections"),
+        pytest.param("server:\nauth:\nstorage:\ncache:\nlimits:\nmetrics:\n", id="empty-sections"),
     ],
 )
 def test_empty_file_gives_every_default(tmp_path: Path, text: str) -> None:
@@ -63,6 +64,7 @@ def test_empty_file_gives_every_default(tmp_path: Path, text: str) -> None:
         secret_file=tmp_path.resolve() / ".secrets" / "kv.keys", max_skew_s=300, max_nonces=1000000, public_host=None
     )
     assert cfg.storage == StorageConfig(path=tmp_path.resolve() / "data" / "kv.sqlite3", synchronous="FULL")
+    assert cfg.metrics == MetricsConfig(port=None)
     assert cfg.source == path.resolve()
 
 
@@ -113,6 +115,8 @@ cache:
 limits:
   max_key_bytes: 16
   max_value_bytes: 1024
+metrics:
+  port: 9100
 """,
     )
 
@@ -128,6 +132,7 @@ limits:
             max_dirty_bytes=2000, writes_while_failing="accept", durable_timeout_ms=250, shutdown_timeout_s=2,
         ),
         limits=LimitsConfig(max_key_bytes=16, max_value_bytes=1024),
+        metrics=MetricsConfig(port=9100),
         source=path.resolve(),
     )
 
@@ -161,6 +166,18 @@ def test_synchronous_modes_are_normalised(tmp_path: Path, written: str, expected
     assert cfg.storage.synchronous == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("metrics:\n  port: null\n", None, id="null"),
+        pytest.param("metrics:\n  port: 1\n", 1, id="min"),
+        pytest.param("metrics:\n  port: 65535\n", 65535, id="max"),
+    ],
+)
+def test_metrics_port_is_null_or_a_port(tmp_path: Path, text: str, expected: int | None) -> None:
+    assert load_config(write(tmp_path, text)).metrics.port == expected
+
+
 def test_public_host_null_is_accepted(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, "auth:\n  public_host: null\n")).auth.public_host is None
 
@@ -178,7 +195,7 @@ def test_public_host_null_is_accepted(tmp_path: Path) -> None:
         ),
         pytest.param(
             "nope:\n  x: 1\n",
-            'config.yaml: unknown key "nope"; expected one of server, auth, storage, cache, limits',
+            'config.yaml: unknown key "nope"; expected one of server, auth, storage, cache, limits, metrics',
             id="unknown-top-level-key",
         ),
         pytest.param(
@@ -356,6 +373,44 @@ def test_public_host_null_is_accepted(tmp_path: Path) -> None:
             "auth:\n  public_host: 'kv example.com'\n",
             'config.yaml: auth.public_host must be a host name without white space, or null, got "kv example.com"',
             id="public-host-with-space",
+        ),
+        pytest.param(
+            "metrics:\n  port: 0\n",
+            "config.yaml: metrics.port must be an integer between 1 and 65535, or null, got 0",
+            id="metrics-port-zero",
+        ),
+        pytest.param(
+            "metrics:\n  port: 65536\n",
+            "config.yaml: metrics.port must be an integer between 1 and 65535, or null, got 65536",
+            id="metrics-port-out-of-range",
+        ),
+        pytest.param(
+            "metrics:\n  port: '9100'\n",
+            'config.yaml: metrics.port must be an integer between 1 and 65535, or null, got "9100"',
+            id="metrics-port-string",
+        ),
+        pytest.param(
+            "metrics:\n  port: true\n",
+            "config.yaml: metrics.port must be an integer between 1 and 65535, or null, got true",
+            id="metrics-port-bool",
+        ),
+        pytest.param(
+            "metrics:\n  path: /metrics\n",
+            'config.yaml: unknown key "metrics.path"; expected one of metrics.port',
+            id="unknown-metrics-key",
+        ),
+        pytest.param(
+            "server:\n  port: 9100\nmetrics:\n  port: 9100\n",
+            "config.yaml: metrics.port must differ from server.port (the metrics have no auth and never share the "
+            "API's port), got 9100",
+            id="metrics-on-the-api-port",
+        ),
+        pytest.param(
+            "server:\n  processes: 0\ncache:\n  backend: redis\n  redis_url: redis://127.0.0.1:6379/0\n"
+            "metrics:\n  port: 9100\n",
+            "config.yaml: metrics.port must be null when server.processes is not 1 (the workers cannot share one "
+            "metrics port), got 9100",
+            id="metrics-with-several-processes",
         ),
         pytest.param(
             "- server\n- cache\n",
