@@ -207,6 +207,8 @@ class WriteBehindCache:
         )
         self.stats_ = CacheStats()
         self.expired_dropped = 0
+        # Called with each flush attempt's duration in seconds, failed ones too (the metrics' histogram).
+        self.on_flush: Callable[[float], None] | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -707,8 +709,11 @@ class WriteBehindCache:
         except Exception as exc:  # a bug, not sqlite: still a failed attempt that keeps its batch
             log.exception("flush failed unexpectedly")
             error = StorageError(f"unexpected flush error: {exc!r}")
-        f.last_ms = (time.perf_counter() - started) * 1000
+        elapsed_s = time.perf_counter() - started
+        f.last_ms = elapsed_s * 1000
         f.rows += committed
+        if self.on_flush is not None:
+            self.on_flush(elapsed_s)
         if error is None:
             f.count += 1
             if self.scheduler.streak:

@@ -306,6 +306,9 @@ class RedisCache:
         self.hits = self.misses = self.conflicts = 0
         self.flush_count = self.flush_rows = self.flush_errors = 0
         self.last_ms = 0.0
+        # Called with each flush's duration in seconds: a round that took log entries or failed (idle polls are
+        # not flushes, as flush.count does not count them either).
+        self.on_flush: Callable[[float], None] | None = None
         self._full = False  # the last round took a whole batch: another one follows at once
         self._stopping = False
         self._round_lock = asyncio.Lock()  # one round at a time in this process (the tick's, or POST /flush's)
@@ -690,12 +693,15 @@ class RedisCache:
     async def _round_once(self, fail_fast: bool) -> None:
         started = time.perf_counter()
         self._full = False
+        flushed = False  # entries were taken, or the round failed: a flush for on_flush
         try:
             entries = await self._take(self.config.flush_batch_size)
+            flushed = bool(entries)
             if entries:
                 await self._write_entries(entries)
             await self._refresh()
         except (StorageError, Overloaded) as exc:
+            flushed = True
             self.flush_errors += 1
             self.scheduler.failed()
             if self.scheduler.streak == 1:
@@ -709,7 +715,10 @@ class RedisCache:
                                  retry_after_s=self.scheduler.retry_after_s()) from None
             return
         finally:
-            self.last_ms = (time.perf_counter() - started) * 1000
+            elapsed_s = time.perf_counter() - started
+            self.last_ms = elapsed_s * 1000
+            if flushed and self.on_flush is not None:
+                self.on_flush(elapsed_s)
         if self.scheduler.streak:
             log.info("flush recovered after %d failed attempts", self.scheduler.streak)
         self.scheduler.succeeded()

@@ -417,6 +417,23 @@ async def test_g3_only_one_flush_runs_at_a_time(store: FakeStore, make_cache: Ma
 
 
 @pytest.mark.gen_test
+async def test_on_flush_hears_every_flush_attempt_failed_ones_too(store: FakeStore, make_cache: MakeCache) -> None:
+    cache = make_cache(store)
+    durations: list[float] = []
+    cache.on_flush = durations.append  # what the metrics' flush duration histogram observes
+    await cache.put("a", '"a"')
+    store.fail_writes = True
+    with pytest.raises(Overloaded):
+        await cache.flush()
+    store.heal()
+    assert await cache.flush() == 1
+    assert len(durations) == 2 and all(d >= 0 for d in durations)
+    stats = flush_stats(cache)
+    assert (stats["count"], stats["errors"]) == (1, 1)
+    assert store.committed == {"a": '"a"'}  # the hook changes nothing of what a flush does
+
+
+@pytest.mark.gen_test
 async def test_g4_failing_flush_keeps_its_batch_and_counts_the_error(make_cache: MakeCache) -> None:
     store = FakeStore({"gone": '"old"'})
     cache = make_cache(store)

@@ -342,3 +342,31 @@ async def test_stats_have_the_fields_every_cache_has(servers: Servers) -> None:
     stats = a.stats()
     assert {"entries", "hits", "misses", "evictions", "dirty"} <= set(stats["cache"])
     assert stats["cache"]["entries"] >= 1 and stats["flush"]["pending_retry"] == 0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_on_flush_hears_each_flush_and_failure_but_no_idle_round(
+    servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await servers.cache(flush_interval_ms=10, durable_timeout_ms=300)
+    durations: list[float] = []
+    a.on_flush = durations.append  # what the metrics' flush duration histogram observes
+    await wait_until(lambda: a.last_ms > 0, "an idle round")
+    assert durations == []  # a round that found the log empty is a poll, not a flush
+    await a.put("k", "1")
+    await a.flush()  # (or the tick has flushed it already: 10 ms)
+    await wait_until(lambda: len(durations) >= 1, "the flush to be heard")
+
+    async def failing(rows: Any) -> None:
+        raise StorageError("disk full")
+
+    write_rows = servers.store.write_rows
+    monkeypatch.setattr(servers.store, "write_rows", failing)
+    seen = len(durations)
+    await a.put("k", "2")
+    await wait_until(lambda: len(durations) > seen, "a failed flush to be heard")
+    assert a.stats()["flush"]["errors"] >= 1
+    monkeypatch.setattr(servers.store, "write_rows", write_rows)
+    await a.flush()
+    assert all(d >= 0 for d in durations)
+    assert (await servers.store.read("k")).value == "2"  # type: ignore[union-attr]
