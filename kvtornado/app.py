@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tornado.web import Application, RequestHandler, url
 
@@ -12,12 +12,21 @@ from kvtornado import handlers as h
 from kvtornado.auth import Authenticator
 from kvtornado.config import Config
 
+if TYPE_CHECKING:
+    from kvtornado.metrics import Metrics  # prometheus-client is imported only with metrics.port
+
 access_log = logging.getLogger("kvtornado.access")
 
 
 def _log_request(handler: RequestHandler) -> None:
-    # Successful requests are logged at DEBUG: at INFO a line per request costs more than the request.
+    """Tornado's ``log_function``: called once for every answered request (counted in the metrics, logged)."""
     status = handler.get_status()
+    metrics = handler.svc.metrics if isinstance(handler, h.BaseHandler) else None
+    if metrics is not None:
+        # Every route is one exact path, so a routed request's path is its route; None: no route at all.
+        route = None if isinstance(handler, h.NotFoundHandler) else handler.request.path
+        metrics.request(route, status, handler.request.request_time())
+    # Successful requests are logged at DEBUG: at INFO a line per request costs more than the request.
     level = logging.DEBUG if status < 400 else logging.INFO if status < 500 else logging.WARNING
     if access_log.isEnabledFor(level):
         req = handler.request
@@ -33,18 +42,21 @@ def make_app(
     kv: h.KeyValue | None = None,
     admin: bool = False,
     admission: h.Admission | None = None,
+    metrics: Metrics | None = None,
     **settings: Any,
 ) -> Application:
     """Routes for one exercise: ``/ping`` always; ``/authorize`` with an authenticator; the data routes
     with a key/value store; ``/flush`` and ``/stats`` with ``admin`` (exercise 4). A server that stops
-    gracefully passes its ``admission`` to refuse new requests and wait for those being served.
+    gracefully passes its ``admission`` to refuse new requests and wait for those being served; with
+    ``metrics``, every answered request and auth refusal is counted there.
 
     The JSON decoder recurses once per nesting level, so the process's recursion limit is raised here (never
     lowered) to give it room for ``codec.MAX_JSON_DEPTH`` levels."""
     if kv is not None and authenticator is None:
         raise ValueError("the data routes need an authenticator")
     codec.allow_json_depth()
-    svc = h.Service(config=config, authenticator=authenticator, kv=kv, admission=admission or h.Admission())
+    svc = h.Service(config=config, authenticator=authenticator, kv=kv, admission=admission or h.Admission(),
+                    metrics=metrics)
     args = {"svc": svc}
     routes = [url(r"/ping", h.PingHandler, args), url(r"/healthz", h.HealthHandler, args),
               url(r"/readyz", h.ReadyHandler, args)]

@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tornado.web import Finish, HTTPError, RequestHandler, stream_request_body
 
@@ -25,6 +25,7 @@ from kvtornado import codec
 from kvtornado.auth import Authenticator
 from kvtornado.config import Config
 from kvtornado.errors import (
+    AuthError,
     BadRequest,
     KVError,
     MethodNotAllowed,
@@ -37,6 +38,9 @@ from kvtornado.errors import (
 )
 from kvtornado.ops import DELETE, GET, INCR, MAX_SAFE, Op, Outcome, Record
 from kvtornado.policy import ADMIN, ADMIN_GRANT, READ, WRITE, Grant, ScopedKV
+
+if TYPE_CHECKING:
+    from kvtornado.metrics import Metrics  # prometheus-client is imported only with metrics.port
 
 log = logging.getLogger("kvtornado.handlers")
 
@@ -109,6 +113,7 @@ class Service:
     kv: KeyValue | None = None
     admission: Admission = field(default_factory=Admission)
     rejected: dict[str, int] = field(default_factory=lambda: {"overloaded": 0})
+    metrics: Metrics | None = None  # with metrics.port (SPEC §11)
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -304,6 +309,10 @@ class BaseHandler(RequestHandler):
                 query=query,
                 body=self.body,
             )
+        except AuthError as exc:
+            if self.svc.metrics is not None:
+                self.svc.metrics.auth_refused(exc.code)
+            raise
         except OSError as exc:  # the nonce journal could not be written: the request is not served
             log.warning("cannot record a nonce in the journal: %s", exc.strerror or exc)
             raise Overloaded("The server cannot record this request's nonce right now; retry shortly.") from None
