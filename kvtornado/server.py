@@ -31,6 +31,7 @@ from kvtornado.handlers import JSON_CONTENT_TYPE, Admission, KeyValue, json_byte
 from kvtornado.store import SqliteStore, WriteThrough, open_store
 
 if TYPE_CHECKING:
+    from kvtornado.metrics import MetricsServer
     from kvtornado.pgstore import PostgresStore
     from kvtornado.rediscache import RedisCache
 
@@ -267,6 +268,7 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
             await store.close()
             raise
         kv = cache
+    metrics_server: MetricsServer | None = None
     try:
         if authenticator is not None and authenticator.journal is not None:
             # SPEC §4 "Across restarts": the nonces an earlier process accepted come back from the journal;
@@ -277,12 +279,22 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
                 log.info("no clean stop recorded in %s: requests signed before now are refused",
                          authenticator.journal.path)
         admission = Admission()
-        app = make_app(cfg, authenticator=authenticator, kv=kv, admin=exercise >= 4, admission=admission)
+        metrics = None
+        if cfg.metrics.port is not None:  # SPEC §11; prometheus-client is imported only then
+            from kvtornado.metrics import Metrics
+
+            metrics = Metrics(cache=cache, authenticator=authenticator)
+        app = make_app(cfg, authenticator=authenticator, kv=kv, admin=exercise >= 4, admission=admission,
+                       metrics=metrics)
         server = build_http_server(app, cfg.server)
+        if metrics is not None and cfg.metrics.port is not None:  # its own listener, before the API takes requests
+            metrics_server = metrics.listen(cfg.server.host, cfg.metrics.port, api=server)
         if sockets is None:
             sockets = bind_sockets(cfg.server.port, cfg.server.host)
         server.add_sockets(sockets)
     except BaseException:
+        if metrics_server is not None:
+            await metrics_server.stop()
         if sweeper is not None:
             sweeper.cancel()
         if cache is not None:
@@ -299,6 +311,8 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
         details += f", flush every {cfg.cache.flush_interval_ms} ms"
         if shared:
             details += f", cache {redact_url(cfg.cache.redis_url or '')} (shared)"
+    if metrics_server is not None:
+        details += f", metrics on http://{shown}:{metrics_server.port}/metrics"
     scheme = "https" if cfg.server.tls_cert is not None else "http"
     log.info("exercise %d listening on %s://%s:%d%s", exercise, scheme, shown, port, details)
 
@@ -328,6 +342,8 @@ async def _serve(cfg: Config, exercise: int, authenticator: Authenticator | None
         await asyncio.wait_for(server.close_all_connections(), timeout=DRAIN_TIMEOUT_S)
     except TimeoutError:
         log.warning("some connections did not close in time")
+    if metrics_server is not None:  # scrapable until here: the drain and the last flush can be watched
+        await metrics_server.stop()
     if store is not None:
         await store.close()
     log.info("stopped")
