@@ -26,7 +26,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -40,13 +39,13 @@ from bench.run import (
     CONFIG_TEMPLATE,
     PRELOADED_KEYS,
     SERVER_START_TIMEOUT_S,
-    SERVER_STOP_TIMEOUT_S,
     Server,
     client,
     log,
     measure,
     prepare,
     redis_plan,
+    terminate,
 )
 from kvtornado.rediscache import K_LOG, K_PENDING
 
@@ -153,15 +152,7 @@ class Redis:
 
     def stop(self) -> int:
         """SIGTERM and wait; its exit status (0 on a clean stop; -9: killed past the timeout)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(SERVER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                return -9
-        return self.proc.returncode
+        return terminate(self.proc)
 
 
 def wait_workers(server: Server, processes: int) -> list[int]:

@@ -215,15 +215,20 @@ class Server:
 
     def stop(self) -> int:
         """SIGTERM and wait; returns the exit status (killed and reported as -9 past the timeout)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(SERVER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                return -9
-        return self.proc.returncode
+        return terminate(self.proc)
+
+
+def terminate(proc: subprocess.Popen[Any]) -> int:
+    """SIGTERM ``proc`` and wait up to ``SERVER_STOP_TIMEOUT_S``; its exit status (-9: killed past the timeout)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(SERVER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return -9
+    return int(proc.returncode)
 
 
 def run_cell(server: Server, folder: Path, workload: str, connections: int,
