@@ -598,9 +598,9 @@ def _signed(text: str) -> int:
     return int(text)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m kvtornado.client", default_config: Path | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m kvtornado.client",
+        prog=prog,
         description="Signed requests to a kvtornado server, with the key from the server's own keys file. "
                     "Each command prints the server's JSON answer on one line (keys --all: one line a page).",
         epilog="VALUE is text as given; '-' reads it from stdin and '@path' from a file (UTF-8, exactly as "
@@ -608,7 +608,7 @@ def _parser() -> argparse.ArgumentParser:
                "Exit status: 0 done; 1 the server refused (the error JSON is on stderr, e.g. a 412 with its "
                "current_version) or could not be reached; 2 bad usage, config, keys file, VALUE or FILE.",
     )
-    p.add_argument("--config", type=Path, default=_default_config(), metavar="PATH",
+    p.add_argument("--config", type=Path, default=default_config or _default_config(), metavar="PATH",
                    help="config file: the server's address and keys file (default: %(default)s)")
     p.add_argument("--url", help="server URL, e.g. http://127.0.0.1:8888 (default: from the config's "
                                  "server.host and server.port)")
@@ -770,13 +770,15 @@ def _answers(client: KVClient, args: argparse.Namespace, value: Any) -> Iterator
         yield getattr(client, args.command)()
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status."""
+def cli(argv: list[str] | None = None, *, prog: str = "python -m kvtornado.client",
+        default_config: Path | None = None) -> int:
+    """The command line; returns the exit status. ``kvtornado client`` (``kvtornado.cli``) passes its own name
+    and its ``--config`` default (config.yaml in the working directory)."""
     from kvtornado.auth import load_keys
     from kvtornado.config import load_config
     from kvtornado.errors import ConfigError
 
-    args = _parser().parse_args(argv)
+    args = _parser(prog, default_config).parse_args(argv)
     signer: Signer | None = None
     try:
         value: Any = None

@@ -129,8 +129,8 @@ def nonce_journal_path(cfg: Config, exercise: int) -> Path:
     return beside.with_name(beside.name + ".nonces")
 
 
-def parse_args(argv: list[str], *, exercise: int, default_config: Path) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"exercise{exercise}.py", description=f"kvtornado, exercise {exercise}")
+def parse_args(argv: list[str], *, exercise: int, default_config: Path, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog or f"exercise{exercise}.py", description=f"kvtornado, exercise {exercise}")
     p.add_argument("--config", type=Path, default=default_config, help="config file (default: %(default)s)")
     p.add_argument("--host", help="address to listen on (overrides server.host)")
     p.add_argument("--port", type=int, help="port to listen on, 0 for any free port (overrides server.port)")
@@ -153,9 +153,9 @@ def _with_overrides(cfg: Config, host: str | None, port: int | None) -> Config:
     return replace(cfg, server=server)
 
 
-def main(argv: list[str], *, exercise: int, default_config: Path) -> int:
-    """Run one exercise until SIGINT/SIGTERM; returns the process exit status."""
-    args = parse_args(argv, exercise=exercise, default_config=default_config)
+def main(argv: list[str], *, exercise: int, default_config: Path, prog: str | None = None) -> int:
+    """Run one exercise until SIGINT/SIGTERM; returns the process exit status (``prog``: the name in usage)."""
+    args = parse_args(argv, exercise=exercise, default_config=default_config, prog=prog)
     logs.setup(args.log_level, args.log_format)
     try:
         cfg = _with_overrides(load_config(args.config), args.host, args.port)
