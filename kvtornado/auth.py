@@ -8,6 +8,7 @@ exactly as sent avoids the canonicalisation and re-serialisation pitfalls of oth
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import heapq
 import hmac
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from kvtornado.errors import AuthError, ConfigError
 from kvtornado.locks import LockHeld, lock_path, take_lock
-from kvtornado.policy import ADMIN_GRANT, Grant, parse_options
+from kvtornado.policy import ADMIN_GRANT, Grant, encode_prefix, parse_options
 
 SCHEME = "KV-HMAC-SHA256"
 EMPTY_BODY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -103,6 +104,60 @@ def create_keys_file(path: Path) -> None:
         os.write(fd, line.encode("ascii"))
     finally:
         os.close(fd)
+
+
+def key_line(key_id: str, secret: str, grant: Grant) -> str:
+    """One keys-file line, the role always written out and the prefix percent-encoded (``encode_prefix``)."""
+    prefix = "" if grant.prefix is None else f" prefix={encode_prefix(grant.prefix)}"
+    return f"{key_id} {secret} role={grant.role}{prefix}"
+
+
+def _has_keys(text: str) -> bool:
+    return any((line := raw.strip(" \t\r")) and not line.startswith("#") for raw in text.split("\n"))
+
+
+def add_key(path: Path, key_id: str, grant: Grant, *, secret: str | None = None) -> tuple[str, bool]:
+    """Append a key for ``key_id`` to the keys file: ``(secret, created)``, the secret fresh unless given.
+
+    A missing file is created (folder 0700, file 0600); an existing one must pass what start-up checks (mode
+    0600, every line well formed) and must not have ``key_id`` yet. The file is flocked from the read to the
+    append, so two of these at once never both add one id. A running server reads the file at start-up only."""
+    if not KEY_ID_RE.fullmatch(key_id):
+        raise ConfigError(f"key id must match [A-Za-z0-9._-]{{1,64}}, got {key_id!r}")
+    secret = secrets.token_hex(32) if secret is None else secret
+    line = key_line(key_id, secret, grant)
+    parse_keys(line, label="the new key")  # what is written reads back as the same key (never shows a secret)
+    created = not path.exists()
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot open or create the keys file ({exc.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: keys file is not a regular file")
+        if st.st_mode & 0o077:  # never appended to as it is: the new secret would be readable too
+            raise ConfigError(f"{path}: keys file is accessible by group or others (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: keys file must be ASCII text") from None
+        if _has_keys(text) and key_id in parse_keys(text, label=str(path)).secrets:
+            raise ConfigError(f"{path}: key id {key_id!r} is already there; choose another id "
+                              "(or remove its line first)")
+        lead = "\n" if text and not text.endswith("\n") else ""
+        os.write(fd, (lead + line + "\n").encode("ascii"))
+        os.fsync(fd)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write the keys file ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+    return secret, created
 
 
 def load_keys(path: Path, *, create: bool = True) -> Keys:

@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from kvtornado.errors import ConfigError, Forbidden
 
@@ -93,6 +93,13 @@ def decode_prefix(raw: str, *, where: str) -> str:
         return unquote(raw, errors="strict")
     except UnicodeDecodeError:
         raise _bad(where, "prefix does not percent-decode to UTF-8") from None
+
+
+def encode_prefix(prefix: str) -> str:
+    """The keys file's spelling of ``prefix``, which ``decode_prefix`` reads back: percent-encoded UTF-8 with only
+    letters, digits, ``-._~`` and ``/`` as they are, so a space, ``%``, ``#``, ``+`` or any non-ASCII character
+    can neither split the line nor change its meaning. ``UnicodeEncodeError`` for a lone surrogate."""
+    return quote(prefix, safe="/", errors="strict")
 
 
 def _bad(where: str, message: str) -> ConfigError:

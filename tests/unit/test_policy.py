@@ -8,11 +8,24 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from kvtornado.auth import Authenticator, parse_keys
+from kvtornado.auth import Authenticator, key_line, parse_keys
 from kvtornado.errors import ConfigError, KVError
 from kvtornado.ops import DELETE, GET, INCR, SAVE, Op, Outcome, Record
-from kvtornado.policy import ADMIN, ADMIN_GRANT, READ, ROLES, WRITE, Grant, ScopedKV, parse_options
+from kvtornado.policy import (
+    ADMIN,
+    ADMIN_GRANT,
+    READ,
+    ROLES,
+    WRITE,
+    Grant,
+    ScopedKV,
+    decode_prefix,
+    encode_prefix,
+    parse_options,
+)
 
 SECRET = "s" * 40
 
@@ -202,3 +215,23 @@ def test_scoped_kv_defaults_are_the_stores_own() -> None:
 
     asyncio.run(run())
     assert inner.calls == [("put", ("app/a", "1", False, None, None)), ("apply", (["app/a"], False, False))]
+
+
+# Any prefix a key can have: non-empty text without lone surrogates (keys hold none).
+PREFIXES = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1)
+
+
+@given(PREFIXES)
+def test_an_encoded_prefix_decodes_to_itself(prefix: str) -> None:
+    """``kvtornado keys add --prefix P``: whatever P is, the keys file line reads back as P."""
+    encoded = encode_prefix(prefix)
+    assert encoded.isascii() and not any(ch in encoded for ch in " \t\r\n#")
+    assert decode_prefix(encoded, where="x") == prefix
+
+
+@given(PREFIXES, st.sampled_from(ROLES))
+def test_a_key_line_reads_back_as_its_grant(prefix: str, role: str) -> None:
+    line = key_line("k", SECRET, Grant(role, prefix))
+    keys = parse_keys(line, label="x")
+    assert keys.grants == {"k": Grant(role, prefix)}
+    assert keys.secrets == {"k": SECRET.encode()}
