@@ -294,9 +294,14 @@ class ServerProcess:
 
     @classmethod
     def start(cls, exercise: int, config: Path, *extra: str, cwd: Path | None = None) -> ServerProcess:
+        return cls.spawn([sys.executable, str(ROOT / f"exercise{exercise}.py"), "--config", str(config),
+                          "--port", "0", *extra], cwd=cwd or config.parent)
+
+    @classmethod
+    def spawn(cls, argv: list[str], *, cwd: Path) -> ServerProcess:
+        """Any server command line (e.g. an installed ``kvtornado serve``), stderr drained the same way."""
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / f"exercise{exercise}.py"), "--config", str(config), "--port", "0", *extra],
-            cwd=cwd or config.parent, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True, encoding="utf-8", errors="replace",
         )
         sp = cls(proc)
