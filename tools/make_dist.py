@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 ROOT = Path(__file__).resolve().parent.parent
-INCLUDE_DIRS = ("kvtornado", "tests", "bench", "docs", "tools", ".ci")
+INCLUDE_DIRS = ("kvtornado", "tests", "bench", "docs", "tools", "deploy", ".ci")
 INCLUDE_FILES = ("config.yaml", "requirements.txt", "Makefile", "pyproject.toml", "README.md", ".gitignore")
 EXCLUDE_PARTS = frozenset({
     ".venv", "venv", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis",

@@ -84,7 +84,7 @@ def test_the_zip_holds_the_exercises_package_tests_docs_and_config(archive: Path
     assert {
         "tests/__init__.py", "tests/conftest.py", "tests/unit/__init__.py", "tests/e2e/test_dist.py",
         "config.yaml", "requirements.txt", "Makefile", "pyproject.toml", "README.md", ".ci/run",
-        "docs/openapi.yaml", "tools/make_dist.py",
+        "docs/openapi.yaml", "tools/make_dist.py", "deploy/kvtornado.service", "deploy/config.yaml",
     } <= names
     if (ROOT / "bench").is_dir():
         assert any(n.startswith("bench/") and n.endswith(".py") for n in names), names
