@@ -191,6 +191,17 @@ if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[2]) then redis.ca
 return 1
 """
 
+# Records and the two counters in one atomic step (one command: a MULTI/EXEC pipeline costs redis-py five).
+# KEYS: ver gen, then one record key per key. Answers ver, gen, then n v x per record key.
+_READ = """
+local out = {redis.call('GET', KEYS[1]) or '0', redis.call('GET', KEYS[2]) or '0'}
+for i = 3, #KEYS do
+  local r = redis.call('HMGET', KEYS[i], 'n', 'v', 'x')
+  out[#out + 1] = r[1]; out[#out + 1] = r[2]; out[#out + 1] = r[3]
+end
+return out
+"""
+
 # A nonce in the sorted set (volatile-* policies): prune what left the window, then add if new.
 # KEYS: nonces. ARGV: member ts horizon. Answers 1 when new.
 _NONCE_ZSET = """
@@ -293,6 +304,7 @@ class RedisCache:
         self._ack = self.redis.register_script(_ACK)
         self._seed = self.redis.register_script(_SEED)
         self._nonce_zset = self.redis.register_script(_NONCE_ZSET)
+        self._read_script = self.redis.register_script(_READ)
         self.policy = "noeviction"
         self._seeding: asyncio.Task[None] | None = None
         self._log_len = 0  # entries in the whole log as of the last round (a write here adds its own at once)
@@ -403,17 +415,13 @@ class RedisCache:
     async def _read(self, keys: Sequence[str]) -> tuple[list[Record | None], int]:
         """The records Redis holds for ``keys`` (None: not there) and the commit generation, in one step."""
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for key in keys:
-                    pipe.hmget(self._rk(key), b"n", b"v", b"x")
-                pipe.get(K_VER)
-                pipe.get(K_GEN)
-                replies = await pipe.execute()
+            replies = await self._read_script(keys=[K_VER, K_GEN, *(self._rk(key) for key in keys)])
         except RedisError as exc:
             raise self._unreachable(exc) from None
-        self._counter_seen = max(self._counter_seen, int(replies[-2] or 0))
-        gen = int(replies[-1] or 0)
-        return [_record(r) for r in replies[:-2]], gen
+        self._counter_seen = max(self._counter_seen, int(replies[0]))
+        # Lua turns a nil inside a table into false, which redis-py hands back as None.
+        records = [_record(replies[i:i + 3]) for i in range(2, len(replies), 3)]
+        return records, int(replies[1])
 
     async def _load(self, keys: Sequence[str]) -> dict[str, Record]:
         """Every key's current record, as a condition may compare it: from Redis, or read from the store and
