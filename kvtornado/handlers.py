@@ -343,11 +343,14 @@ class BaseHandler(RequestHandler):
     ) -> None:
         if isinstance(value, KVError):
             return  # an answer to the client, not a failure of the server
+        if isinstance(value, HTTPError) and value.status_code < 500:
+            return  # Tornado's refusal of what a client sent (a 405 for TRACE, ...): the access line says it
+        extra = {"request_id": getattr(self, "request_id", None)}
         if isinstance(value, StorageError):
-            log.warning("storage error on %s %s: %s", self.request.method, self.request.path, value)
+            log.warning("storage error on %s %s: %s", self.request.method, self.request.path, value, extra=extra)
             return
         # Tornado's own line would print the whole request, query (keys) included: the path only, as elsewhere.
-        log.error("uncaught exception on %s %s", self.request.method, self.request.path,
+        log.error("uncaught exception on %s %s", self.request.method, self.request.path, extra=extra,
                   exc_info=(typ, value, tb) if typ is not None and value is not None else None)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:

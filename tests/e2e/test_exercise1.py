@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -82,10 +83,15 @@ async def test_head_on_ping_is_200_without_a_body(http_server: Any, http_port: i
 
 
 @pytest.mark.gen_test
-async def test_a_method_tornado_does_not_know_is_405_json(http_client: Any, base_url: str) -> None:
-    resp = await fetch(http_client, base_url, "PROPFIND", "/ping", {"Host": host_of(base_url)}, b"")
+@pytest.mark.parametrize("method", ["PROPFIND", "TRACE", "CONNECT"])
+async def test_a_method_tornado_does_not_know_is_405_json(
+    http_client: Any, base_url: str, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    resp = await fetch(http_client, base_url, method, "/ping", {"Host": host_of(base_url)}, b"")
     assert_error(resp, 405, "method_not_allowed")
     assert resp.header("Allow") == "GET, HEAD"
+    # A client's choice, not a failure of the server: the access line at INFO, no error, no traceback.
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
 
 
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
