@@ -19,13 +19,17 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvtornado.errors import ConfigError, StorageError
 from kvtornado.locks import LockHeld, lock_path, take_lock
 from kvtornado.store import MAX_BUSY_TIMEOUT_MS, SCHEMA_VERSION, SqliteStore
+
+# What sqlite and the store keep beside the database (``<database><end>``): the journals and the one-server lock.
+# A backup never replaces one of them (the caller names the server's other files: ``protect``).
+SERVER_FILES = ("-wal", "-shm", "-journal", ".lock")
 
 # store.py's meta table holds the mark; raised here, never lowered.
 _RAISE_HWM = "UPDATE meta SET value = max(value, ?) WHERE name = 'version_hwm'"
@@ -103,14 +107,26 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def backup(database: Path, out: Path) -> Copied:
-    """Copy the sqlite ``database`` to ``out`` (replaced whole if it exists) while a server may be using it."""
+def check_target(database: Path, out: Path, *, protect: Sequence[Path] = ()) -> None:
+    """Refuse an ``out`` that is no file name, whose folder is missing, or that is the database or a file a
+    server keeps beside it (replacing its ``-wal`` would lose every row a crash left there) or in ``protect``."""
+    if not out.name or out.is_dir():
+        raise Refused(f"{out}: that is a folder; name the backup file")
     if _same_file(database, out):
         raise Refused(f"{out}: that is the database itself; name another file")
-    if not database.is_file():
-        raise Refused(f"{database}: no database there (storage.path of the config)")
+    for own in (*(database.with_name(database.name + end) for end in SERVER_FILES), *protect):
+        if _same_file(own, out):
+            raise Refused(f"{out}: that is one of the server's own files ({own.name}); name another file")
     if not out.parent.is_dir():
         raise Refused(f"{out.parent}: no such folder")
+
+
+def backup(database: Path, out: Path, *, protect: Sequence[Path] = ()) -> Copied:
+    """Copy the sqlite ``database`` to ``out`` (replaced whole if it exists) while a server may be using it;
+    ``check_target``'s refusals first."""
+    check_target(database, out, protect=protect)
+    if not database.is_file():
+        raise Refused(f"{database}: no database there (storage.path of the config)")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         src = _read_only(database)

@@ -147,8 +147,8 @@ def _flush(cfg: Config, url: str, key_id: str | None, cafile: str | None) -> int
     except (OSError, http.client.HTTPException) as exc:
         reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
         raise _Failed(f"{url}: POST /flush failed: {reason}") from None
-    except ValueError as exc:  # not a URL
-        raise ConfigError(f"--url: {exc}") from None
+    except ValueError as exc:  # not a URL, a CA file that cannot be loaded: the message names which
+        raise ConfigError(str(exc)) from None
     return int(answer.get("flushed", 0)) if isinstance(answer, dict) else 0
 
 
@@ -159,8 +159,14 @@ def _backup(args: argparse.Namespace) -> int:
         raise ConfigError("--key-id and --cafile go with --url (the server to flush first)")
     cfg = _config(args.config)
     _sqlite_only(cfg, "backup", "pg_dump")
+    from kvtornado.locks import lock_path
+    from kvtornado.server import nonce_journal_path
+
+    journals = [nonce_journal_path(cfg, exercise) for exercise in (2, 4)]  # beside the keys file, the database
+    protect = (cfg.auth.secret_file, *journals, *map(lock_path, journals))
+    backup.check_target(cfg.storage.path, args.out, protect=protect)  # before a flush is asked for
     flushed = None if args.url is None else _flush(cfg, args.url, args.key_id, args.cafile)
-    copied = backup.backup(cfg.storage.path, args.out)
+    copied = backup.backup(cfg.storage.path, args.out, protect=protect)
     after = "" if flushed is None else f" after {args.url} flushed {flushed}"
     print(f"backed up {cfg.storage.path} to {args.out}: {copied.rows} rows{after}", file=sys.stderr)
     return EXIT_OK

@@ -321,6 +321,16 @@ def _has_input(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
+def tls_context(cafile: str | None) -> ssl.SSLContext:
+    """The system's CAs, or only ``cafile``'s (a private CA); the host name is always checked. ``ValueError``
+    naming the file when it cannot be read or holds no PEM certificate."""
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except OSError as exc:  # ssl.SSLError is one: the file is there but is not PEM certificates
+        reason = exc.strerror or getattr(exc, "reason", None) or str(exc)
+        raise ValueError(f"CA file {cafile}: cannot load it ({reason})") from None
+
+
 class KVClient(_ClientCore):
     """Blocking client over one keep-alive ``http.client`` connection (one client per thread).
 
@@ -337,10 +347,8 @@ class KVClient(_ClientCore):
         parts = urlsplit(self.base_url)
         self._conn: http.client.HTTPConnection
         if parts.scheme == "https":
-            # The system's CAs, or only ``cafile``'s (a private CA); the host name is always checked.
-            context = ssl.create_default_context(cafile=cafile)
             self._conn = http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=timeout_s,
-                                                     context=context)
+                                                     context=tls_context(cafile))
         else:
             self._conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout_s)
 
@@ -479,7 +487,7 @@ class AsyncKVClient(_ClientCore):
 
         super().__init__(base_url, signer, timeout_s=timeout_s)
         self._http = AsyncHTTPClient()
-        self._cafile = cafile
+        self._tls = tls_context(cafile) if self.base_url.startswith("https:") else None
 
     async def request(
         self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: bytes = b"",
@@ -503,7 +511,7 @@ class AsyncKVClient(_ClientCore):
                 body=req.body if req.body or req.method in _BODY_METHODS else None,
                 allow_nonstandard_methods=True, raise_error=False, request_timeout=self.timeout_s,
                 follow_redirects=False,  # a signature is for one URL: never resent elsewhere
-                expect_100_continue=len(req.body) > _ASK_FIRST_BYTES, ca_certs=self._cafile,
+                expect_100_continue=len(req.body) > _ASK_FIRST_BYTES, ssl_options=self._tls,
             )
         except (ConnectionRefusedError, socket.gaierror) as exc:
             raise KVConnectionError(self.base_url, exc) from exc

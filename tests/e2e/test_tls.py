@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trustme
 
-from kvtornado.client import KVClient, KVConnectionError, Signer
+from kvtornado.client import AsyncKVClient, KVClient, KVConnectionError, Signer
 from tests.conftest import TEST_KEY_ID, TEST_SECRET, write_config, write_keys
 from tests.e2e.helpers import ROOT, ServerProcess
 
@@ -93,3 +93,21 @@ def test_an_unreadable_certificate_stops_start_up_with_one_line(tmp_path: Path) 
         srv.stop()
     lines = [line for line in srv.lines if line.strip()]
     assert len(lines) == 1 and "server.tls_cert/server.tls_key: cannot load" in lines[0], lines
+
+
+@pytest.mark.parametrize("content", [None, "not a certificate\n"], ids=["missing", "not-pem"])
+def test_a_cafile_that_cannot_be_loaded_is_one_line_naming_it(https: Any, tmp_path: Path,
+                                                               content: str | None) -> None:
+    srv, url = https
+    cafile = tmp_path / "ca.pem"
+    if content is not None:
+        cafile.write_text(content)
+    for make in (KVClient, AsyncKVClient):
+        with pytest.raises(ValueError, match=f"CA file {cafile}: cannot load it"):
+            make(url, None, cafile=str(cafile))
+    config = Path(srv.proc.args[3])  # type: ignore[index]  # exercise4.py --config PATH
+    done = subprocess.run([sys.executable, "-m", "kvtornado.client", "--config", str(config), "--url", url,
+                           "--cafile", str(cafile), "get", "k"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.count("\n") == 1 and f"CA file {cafile}: cannot load it" in done.stderr, done.stderr

@@ -202,6 +202,18 @@ POSTGRES = {"storage": {"backend": "postgresql", "url": "postgresql://kv@127.0.0
         pytest.param(["backup", "out.sqlite3", "--url", "http://127.0.0.1:1", "--key-id", "nobody"], None,
                      "key id 'nobody' is not in", id="unknown-key-id"),
         pytest.param(["backup", "data/kv.sqlite3"], None, "that is the database itself", id="backup-onto-itself"),
+        *(pytest.param(["backup", name], None, f"that is one of the server's own files ({Path(name).name})",
+                       id=f"backup-onto-{Path(name).name}")
+          for name in ("data/kv.sqlite3-wal", "data/kv.sqlite3-shm", "data/kv.sqlite3-journal",
+                       "data/kv.sqlite3.lock", "data/kv.sqlite3.nonces", "data/kv.sqlite3.nonces.lock",
+                       "keys/kv.keys", "keys/kv.keys.nonces")),
+        pytest.param(["backup", ""], None, ": that is a folder; name the backup file", id="backup-empty-name"),
+        pytest.param(["backup", "data"], None, "data: that is a folder; name the backup file", id="backup-folder"),
+        # Refused before the flush is asked for (nothing listens on port 1: a flush would fail, status 1).
+        pytest.param(["backup", "nowhere/out.sqlite3", "--url", "http://127.0.0.1:1"], None,
+                     "nowhere: no such folder", id="backup-missing-folder-before-flush"),
+        pytest.param(["backup", "out.sqlite3", "--url", "https://127.0.0.1:1", "--cafile", "none.pem"], None,
+                     "CA file none.pem: cannot load it", id="backup-missing-cafile"),
         pytest.param(["restore", "nothing.sqlite3"], None, "nothing.sqlite3: no such file", id="restore-missing"),
         pytest.param(["restore", "config.yaml"], None, "not a readable sqlite database", id="restore-not-sqlite"),
         pytest.param(["backup", "out.sqlite3", "--config", "none.yaml"], None, "none.yaml: config file not found",
