@@ -130,7 +130,9 @@ def _check(resp: Response) -> Any:
     try:
         doc = resp.json()
     except ValueError:
-        pass
+        if 200 <= resp.status < 300:
+            raise KVProtocolError(f"a {resp.status} answer that is not JSON: "
+                                  f"{resp.body[:200].decode('utf-8', 'replace')!r}") from None
     if 200 <= resp.status < 300:
         return doc
     if isinstance(doc, dict) and "error" in doc:
@@ -166,7 +168,11 @@ class _Call:
 
     def result(self, resp: Response) -> Any:
         doc = _check(resp)
-        return doc if self.pick is None else doc[self.pick]
+        if self.pick is None:
+            return doc
+        if not isinstance(doc, dict) or self.pick not in doc:
+            raise KVProtocolError(f"{self.path} answered without {self.pick!r}: {resp.body[:200]!r}")
+        return doc[self.pick]
 
 
 def _durable(durable: bool) -> dict[str, Any]:

@@ -113,6 +113,7 @@ class Answer:
     doc: Any = field(default_factory=lambda: {"ok": True})
     drop: bool = False  # read the request, answer nothing, close the connection
     then_close: bool = False  # answer, then close without saying so (a keep-alive the server gave up)
+    raw: bytes | None = None  # sent as the body in place of ``doc``'s JSON
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ class _RecordingHandler(BaseHTTPRequestHandler):
         if answer.drop:
             self.close_connection = True
             return
-        data = json.dumps(answer.doc).encode()
+        data = json.dumps(answer.doc).encode() if answer.raw is None else answer.raw
         self.send_response(answer.status)
         self.send_header("Content-Type", "application/json; charset=UTF-8")
         self.send_header("Content-Length", str(len(data)))
@@ -268,6 +269,15 @@ def test_an_error_answer_raises_the_server_code_and_body(call: Call, recorder: R
     assert (info.value.status, info.value.code, info.value.message) == (412, "version_mismatch",
                                                                         "The key is at version 3.")
     assert info.value.doc == doc
+
+
+@pytest.mark.parametrize("answer", [Answer(200, raw=b'{"key": "k", "value": not json}'), Answer(200, {"key": "k"}),
+                                    Answer(200, ["value"])], ids=["not-json", "no-value", "not-an-object"])
+def test_a_2xx_answer_the_protocol_rules_out_is_a_protocol_error(call: Call, recorder: Recorder,
+                                                                 fixed_signer: Signer, answer: Answer) -> None:
+    recorder.answers.append(answer)
+    with pytest.raises(KVProtocolError):
+        call(recorder.url, fixed_signer, "get", "k")
 
 
 def test_ping_is_unsigned(call: Call, recorder: Recorder, fixed_signer: Signer) -> None:
