@@ -8,7 +8,7 @@ import json
 import shutil
 import sqlite3
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -291,9 +291,40 @@ def _index_out_of_step(path: Path) -> None:
     conn.close()
 
 
+def _with_row(sql: str, *args: object) -> Callable[[Path], None]:
+    """A sound database with one row more, written past the store by ``sql`` (the rows a server never writes)."""
+
+    def make(path: Path) -> None:
+        fill(path, {"a": 1})
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.execute(sql, args)
+        finally:
+            conn.close()
+
+    return make
+
+
+_ROW = "INSERT INTO kv(key, value, version, expires_at, updated_at) VALUES (?, ?, ?, ?, 0)"
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
+        pytest.param(_with_row(_ROW, "zz", "not json", 5, None), "the row of key 'zz': its value is not a JSON text",
+                     id="value-not-json"),
+        pytest.param(_with_row(_ROW, "zz", "NaN", 5, None), "its value is not a JSON text", id="value-nan"),
+        pytest.param(_with_row(_ROW, "zz", "1 2", 5, None), "its value is not a JSON text", id="value-two-texts"),
+        pytest.param(_with_row(_ROW, "zz", b"1", 5, None), "its value is not text", id="value-blob"),
+        pytest.param(_with_row(_ROW, b"zz", "1", 5, None), "a row whose key is not text", id="key-blob"),
+        pytest.param(_with_row(_ROW, "", "1", 5, None), "a row whose key is not text", id="key-empty"),
+        pytest.param(_with_row(_ROW, "zz", "1", -5, None), r"its version -5 is not in 1\.\.9007199254740991",
+                     id="version-negative"),
+        pytest.param(_with_row(_ROW, "zz", "1", 0, None), "its version 0 is not in", id="version-zero"),
+        pytest.param(_with_row(_ROW, "zz", "1", 2**53, None), "its version 9007199254740992 is not in",
+                     id="version-too-big"),
+        pytest.param(_with_row(_ROW, "zz", "1", "seven", None), "its version 'seven' is not in", id="version-text"),
+        pytest.param(_with_row(_ROW, "zz", "1", 5, "soon"), "its expiry 'soon' is not a number", id="expiry-text"),
         pytest.param(lambda p: None, "no such file", id="missing"),
         pytest.param(lambda p: p.write_bytes(b"SQLite format 2\0" + b"x" * 5000), "not a readable sqlite database",
                      id="not-sqlite"),
