@@ -9,6 +9,7 @@ The listener has no auth, so it never shares the API's port (the config refuses 
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from collections.abc import Callable, Iterable
@@ -22,7 +23,7 @@ from tornado.netutil import bind_sockets
 from tornado.web import Application, RequestHandler
 
 from kvtornado.auth import Authenticator
-from kvtornado.errors import ConfigError
+from kvtornado.errors import ConfigError, KVError, MethodNotAllowed, NotFound, for_status
 
 log = logging.getLogger("kvtornado.metrics")
 
@@ -131,7 +132,33 @@ class Metrics:
         return server
 
 
-class _MetricsHandler(RequestHandler):
+class _JSONErrors(RequestHandler):
+    """Errors on the metrics port as on the API's (SPEC §5: every error is JSON): 404 off ``/metrics``, 405 for
+    anything but GET on it."""
+
+    def prepare(self) -> None:
+        if self.request.path != PATH:
+            raise NotFound(f"Nothing here but {PATH}.")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        raised = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(raised, KVError):
+            error = raised
+        elif status_code == 405:
+            error = MethodNotAllowed(f"{self.request.method} is not allowed on {PATH}.", allow=["GET"])
+        else:
+            error = for_status(status_code)
+        self.set_status(error.status)
+        for name, value in error.headers.items():
+            self.set_header(name, value)
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps({"error": error.code, "message": error.message}, separators=(",", ":")))
+
+    def log_exception(self, *args: Any) -> None:
+        pass  # a client's mistake on an unauthenticated port: the access line (DEBUG) is enough
+
+
+class _MetricsHandler(_JSONErrors):
     def initialize(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
@@ -153,7 +180,8 @@ class MetricsServer:
     """The ``/metrics`` listener (built by ``Metrics.listen``); ``stop()`` closes it and its connections."""
 
     def __init__(self, metrics: Metrics) -> None:
-        app = Application([(PATH, _MetricsHandler, {"metrics": metrics})], log_function=_log_scrape)
+        app = Application([(PATH, _MetricsHandler, {"metrics": metrics})], log_function=_log_scrape,
+                          default_handler_class=_JSONErrors)
         # A scrape has no body: nobody may make this unauthenticated port buffer one.
         self.http = HTTPServer(app, max_body_size=0)
         self.sockets: list[socket.socket] = []

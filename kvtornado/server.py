@@ -149,6 +149,9 @@ def _with_overrides(cfg: Config, host: str | None, port: int | None) -> Config:
     if port is not None:
         if not 0 <= port <= 65535:
             raise ConfigError(f"--port must be an integer between 0 and 65535, got {port}")
+        if port == cfg.metrics.port:  # as config.py refuses server.port equal to it
+            raise ConfigError(f"--port must differ from metrics.port (the metrics have no auth and never share "
+                              f"the API's port), got {port}")
         server = replace(server, port=port)
     return replace(cfg, server=server)
 

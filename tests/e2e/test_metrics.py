@@ -4,6 +4,7 @@ prometheus-client's own parser; the API port never serves them; a metrics port t
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 from pathlib import Path
 
@@ -106,7 +107,30 @@ def test_exercises_2_and_3_count_requests_and_refusals_without_cache_figures(
         assert get(s, "kvtornado_auth_refusals_total", code="missing_auth") == 1
         assert get(s, "kvtornado_nonces") == 1
         assert not [name for name, _ in s if name.startswith(("kvtornado_cache", "kvtornado_flush"))]
+        # Anything but GET /metrics is a JSON error there too, as on the API port (SPEC §5), and logs nothing.
+        for method, path, status, code in [("GET", "/", 404, "not_found"), ("GET", "/metrics/", 404, "not_found"),
+                                           ("POST", "/metrics", 405, "method_not_allowed"),
+                                           ("PROPFIND", "/metrics", 405, "method_not_allowed"),
+                                           ("DELETE", "/nowhere", 404, "not_found")]:
+            conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=PROCESS_TIMEOUT_S)
+            try:
+                conn.request(method, path)
+                resp = conn.getresponse()
+                assert resp.status == status, (method, path, resp.status)
+                assert (resp.getheader("Content-Type") or "").startswith("application/json"), (method, path)
+                assert json.loads(resp.read())["error"] == code, (method, path)
+            finally:
+                conn.close()
         assert srv.stop() == 0, srv.lines
+    assert not any("Traceback" in line or "ERROR" in line or "WARNING" in line for line in srv.lines), srv.lines
+
+
+def test_a_port_option_equal_to_metrics_port_is_refused_naming_both(tmp_path: Path, keys_file: Path) -> None:
+    port = free_port()
+    with ServerProcess.start(4, write_config(tmp_path, {"metrics": {"port": port}}), "--port", str(port)) as srv:
+        assert srv.proc.wait(timeout=PROCESS_TIMEOUT_S) == 2
+    assert srv.lines == [f"--port must differ from metrics.port (the metrics have no auth and never share the "
+                         f"API's port), got {port}"], srv.lines
 
 
 def test_a_metrics_port_that_is_taken_is_refused_naming_metrics_port(tmp_path: Path, keys_file: Path) -> None:
