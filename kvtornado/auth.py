@@ -62,6 +62,9 @@ class Keys:
     grants: dict[str, Grant]
 
 
+_OPTION_RE = re.compile(r"(role|prefix)=")
+
+
 def parse_keys(text: str, *, label: str) -> Keys:
     """Parse ``<key_id> <secret> [role=...] [prefix=...]`` lines; errors name the line, never the secret."""
     secrets_: dict[str, bytes] = {}
@@ -79,11 +82,16 @@ def parse_keys(text: str, *, label: str) -> Keys:
         key_id, secret = parts[:2]
         if not KEY_ID_RE.fullmatch(key_id):
             raise ConfigError(f"{label} line {lineno}: key id must match [A-Za-z0-9._-]{{1,64}}")
+        # A first field as long as a secret may be one (a line missing its key id): never quoted.
+        of = f" for key id {key_id!r}" if len(key_id) < MIN_SECRET_CHARS else ""
+        if _OPTION_RE.match(secret) and len(secret) < MIN_SECRET_CHARS:
+            raise ConfigError(f"{label} line {lineno}: the second field is an option; expected "
+                              "'<key_id> <secret> [role=R] [prefix=P]' (is the key id missing?)")
         if not _is_secret_text(secret):
-            raise ConfigError(f"{label} line {lineno}: secret for key id {key_id!r} must be printable ASCII")
+            raise ConfigError(f"{label} line {lineno}: secret{of} must be printable ASCII")
         if len(secret) < MIN_SECRET_CHARS:
             raise ConfigError(
-                f"{label} line {lineno}: secret for key id {key_id!r} is too short "
+                f"{label} line {lineno}: secret{of} is too short "
                 f"({len(secret)} characters, need at least {MIN_SECRET_CHARS})"
             )
         if key_id in secrets_:
