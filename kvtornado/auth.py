@@ -397,6 +397,7 @@ class NonceJournal:
         self._fd: int | None = None
         self._lock_fd: int | None = None
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-nonce-journal")
+        self.was_clean: bool | None = None  # what ``open`` found: the earlier process stopped cleanly
 
     def _take_lock(self) -> None:
         try:
@@ -421,6 +422,7 @@ class NonceJournal:
             raise ConfigError(f"{self.path}: cannot read the nonce journal ({exc.strerror})") from None
         lines = [line for line in text.split("\n") if line]
         clean = bool(lines) and lines[-1] == self.CLEAN
+        self.was_clean = clean
         entries: list[Entry] = []
         for line in lines:
             parts = line.split(" ")

@@ -178,6 +178,7 @@ def main(argv: list[str], *, exercise: int, default_config: Path, prog: str | No
         logs.refuse(str(exc))
         return 2
     served = False
+    refused = False  # start-up failed: nothing was served
     try:
         if exercise >= 4 and cfg.server.processes != 1:  # several workers on the Redis cache (SPEC §10)
             from kvtornado.workers import supervise
@@ -188,19 +189,24 @@ def main(argv: list[str], *, exercise: int, default_config: Path, prog: str | No
             status = asyncio.run(_serve(cfg, exercise, authenticator))
         served = True
     except (ConfigError, StorageError) as exc:
+        refused = True
         logs.refuse(str(exc))
         return 2
     except OSError as exc:  # e.g. the port is taken
+        refused = True
         logs.refuse(f"cannot listen on {cfg.server.host}:{cfg.server.port} ({exc.strerror})")
         return 2
     except KeyboardInterrupt:  # Ctrl-C before the loop took over SIGINT: nothing was served, nothing to flush
+        refused = True
         log.info("interrupted during start-up")
         return 0
     finally:
         if journal is not None and authenticator is not None:
-            # A graceful stop keeps every nonce still in the window; any other end leaves the journal unclean.
+            # A graceful stop keeps every nonce still in the window; so does a start that served nothing after a
+            # clean stop (what it restored is all there is). Any other end leaves the journal unclean.
+            keep = served or (refused and journal.was_clean is True)
             try:
-                journal.close(authenticator.nonces.entries() if served else None)
+                journal.close(authenticator.nonces.entries() if keep else None)
             except OSError as exc:  # the next start then takes it as unclean: refusing, never replaying
                 log.error("cannot save the nonces to %s (%s)", journal.path, exc.strerror)
     if status == EXIT_UNFLUSHED:

@@ -12,6 +12,7 @@ import http.client
 import json
 import random
 import signal
+import socket
 import sqlite3
 import time
 from collections import Counter
@@ -466,4 +467,35 @@ def test_a_request_accepted_before_a_restart_is_refused_after_it(
         # A client that signs anew gets in (the project client re-signs a stale_timestamp by itself).
         with KVClient(again.base_url, signer) as c:
             assert c.authorize()["key_id"] == TEST_KEY_ID
+        assert again.stop() == 0, again.lines
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "kill -9"])
+def test_a_start_that_fails_before_serving_keeps_the_journal_as_it_found_it(
+    tmp_path: Path, keys_file: Path, stop: str
+) -> None:
+    config = write_config(tmp_path, name="replay.yaml")
+    signer = Signer(TEST_KEY_ID, TEST_SECRET)
+    with ServerProcess.start(4, config) as srv:
+        port = srv.wait_listening()
+        captured = signer.authorization("GET", f"127.0.0.1:{port}", "/authorize", "", b"")
+        assert _send_raw(port, captured)[0] == 200
+        if stop == "SIGTERM":
+            assert srv.stop() == 0, srv.lines
+        else:
+            srv.proc.kill()
+            srv.proc.wait(timeout=PROCESS_TIMEOUT_S)
+    with socket.socket() as taken:  # the next start opens the journal, then cannot listen
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        with ServerProcess.start(4, config, "--port", str(port)) as failed:
+            assert failed.proc.wait(timeout=PROCESS_TIMEOUT_S) == 2
+    with ServerProcess.start(4, config, "--port", str(port)) as again:
+        assert again.wait_listening() == port
+        status, doc = _send_raw(port, captured)
+        unclean = [line for line in again.lines if "no clean stop recorded" in line]
+        if stop == "SIGTERM":  # the failed start kept the clean stop's nonces: refused by its nonce
+            assert (status, doc["error"], unclean) == (401, "replayed_nonce", []), (doc, again.lines)
+        else:  # ... and did not turn a kill -9 into a clean stop: refused by the start-up floor
+            assert (status, doc["error"]) == (401, "stale_timestamp") and unclean, (doc, again.lines)
         assert again.stop() == 0, again.lines
