@@ -20,6 +20,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -303,8 +304,28 @@ def parse_authorization(value: str | None) -> AuthParams:
     return AuthParams(found["keyid"], int(found["ts"]), found["nonce"], found["sig"])
 
 
-def _replayed() -> AuthError:
+def replayed() -> AuthError:
     return AuthError("replayed_nonce", "This nonce has been used already; sign each request anew.")
+
+
+@dataclass
+class NonceClaim:
+    """A verified request's nonce, not yet claimed in the nonce store every server shares (SPEC §10). The
+    request's first step in Redis claims it in the same script (``RedisCache``), which saves a round trip;
+    ``Authenticator.settle`` claims it on its own when nothing did, before any answer leaves. ``done`` once
+    claimed, by either."""
+
+    key_id: str
+    nonce: str
+    ts: int
+    window_s: int
+    done: bool = False
+
+
+# The unclaimed nonce of the request being served: set by ``authenticate(defer=True)`` in the request's task
+# (each request has its own: Tornado runs every handler in a task of its own), read by the cache it calls. A
+# task started from there sees the same ``NonceClaim`` object, so a claim is made once whoever makes it.
+PENDING_CLAIM: ContextVar[NonceClaim | None] = ContextVar("kvtornado_pending_claim", default=None)
 
 
 class NonceStore:
@@ -536,19 +557,35 @@ class Authenticator:
         return self.grants.get(key_id, ADMIN_GRANT)
 
     async def authenticate(
-        self, *, authorization: str | None, method: str, host: str, path: str, query: str, body: bytes
+        self, *, authorization: str | None, method: str, host: str, path: str, query: str, body: bytes,
+        defer: bool = False,
     ) -> str:
         """``verify``, and for a request dated ahead of the current second, its nonce on disk before the answer
-        (``AuthError``s as ``verify``; ``OSError`` when the journal cannot be written: the request is refused)."""
+        (``AuthError``s as ``verify``; ``OSError`` when the journal cannot be written: the request is refused).
+        With shared nonces and ``defer``, the nonce is left in ``PENDING_CLAIM``: the caller must ``settle``
+        before it answers anything."""
         params = self._verify(authorization=authorization, method=method, host=host, path=path, query=query,
                               body=body, now=None)
         if self.shared_nonces is not None:
-            if not await self.shared_nonces(params.key_id, params.nonce, params.ts, self.max_skew_s):
-                raise _replayed()
+            if defer:
+                PENDING_CLAIM.set(NonceClaim(params.key_id, params.nonce, params.ts, self.max_skew_s))
+            elif not await self.shared_nonces(params.key_id, params.nonce, params.ts, self.max_skew_s):
+                raise replayed()
             return params.key_id
         if self.journal is not None and params.ts > int(self.clock()):
             await self.journal.record(params.key_id, params.nonce, params.ts)
         return params.key_id
+
+    async def settle(self) -> None:
+        """Claim the request's deferred nonce if nothing claimed it yet: ``replayed_nonce`` when some server
+        has seen it."""
+        claim = PENDING_CLAIM.get()
+        if claim is None or claim.done:
+            return
+        claim.done = True
+        assert self.shared_nonces is not None  # only authenticate(defer=True) with shared nonces sets one
+        if not await self.shared_nonces(claim.key_id, claim.nonce, claim.ts, claim.window_s):
+            raise replayed()
 
     def verify(
         self,
@@ -603,6 +640,6 @@ class Authenticator:
                 headers={"X-KV-Server-Time": str(int(now))},
             )
         if self.nonces.seen(params.key_id, params.nonce):
-            raise _replayed()
+            raise replayed()
         self.nonces.add(params.key_id, params.nonce, params.ts, now)
         return params

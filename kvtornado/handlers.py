@@ -247,17 +247,46 @@ class BaseHandler(RequestHandler):
             raise Overloaded("The server is shutting down.")
         if self.auth_required:
             self.key_id = await self._authenticate()
-        impl: Callable[[], Awaitable[None]] | None = getattr(self, "do_" + self.request.method.lower(), None)
-        if impl is None:
-            raise self.method_not_allowed()
-        if self.auth_required:
-            self._apply_grant()
-        if self.body and self.request.method not in self.body_methods:
-            # A body nobody reads is a second, unchecked reading of the request: refused, not ignored.
-            raise BadRequest(f"{self.request.method} {self.request.path} takes no body.")
-        self._check_conditions()
-        self.fields = codec.query_fields(self.request.query, self.query_params)
-        await impl()
+        try:
+            impl: Callable[[], Awaitable[None]] | None = getattr(self, "do_" + self.request.method.lower(), None)
+            if impl is None:
+                raise self.method_not_allowed()
+            if self.auth_required:
+                self._apply_grant()
+            if self.body and self.request.method not in self.body_methods:
+                # A body nobody reads is a second, unchecked reading of the request: refused, not ignored.
+                raise BadRequest(f"{self.request.method} {self.request.path} takes no body.")
+            self._check_conditions()
+            self.fields = codec.query_fields(self.request.query, self.query_params)
+            await impl()
+            # impl wrote its answer; it leaves (Tornado's finish) only once the nonce is claimed.
+            await self._settle_nonce()
+        except Exception as exc:
+            # A replayed nonce (found with the data, or claimed now) is the answer, before any other error.
+            refusal = exc if isinstance(exc, AuthError) else await self._replay_refusal()
+            if refusal is None:
+                raise
+            if self.svc.metrics is not None:
+                self.svc.metrics.auth_refused(refusal.code)
+            if refusal is exc:
+                raise
+            raise refusal from None
+
+    async def _settle_nonce(self) -> None:
+        """SPEC §10: the nonce ``_authenticate`` deferred, claimed now unless the data's first step in Redis
+        claimed it already (same round trip); without shared nonces there is none."""
+        authenticator = self.svc.authenticator
+        if authenticator is not None and authenticator.shared_nonces is not None:
+            await authenticator.settle()
+
+    async def _replay_refusal(self) -> AuthError | None:
+        try:
+            await self._settle_nonce()
+        except AuthError as refused:
+            return refused
+        except Exception:  # noqa: S110 - Redis trouble: the error being answered already says so
+            pass
+        return None
 
     async def _any_method(self, *args: str) -> None:
         await self.serve()  # looked up on the instance: a subclass's serve() is the one that runs
@@ -308,6 +337,7 @@ class BaseHandler(RequestHandler):
                 path=path,
                 query=query,
                 body=self.body,
+                defer=True,  # claimed by serve(): with the data in Redis, in the same round trip
             )
         except AuthError as exc:
             if self.svc.metrics is not None:
@@ -330,9 +360,11 @@ class BaseHandler(RequestHandler):
             self.set_header(REQUEST_ID, request_id)
 
     def send_json(self, payload: bytes, status: int = 200) -> None:
+        """The answer, written but not sent: Tornado finishes it once ``serve`` returns (after the nonce is
+        claimed); an error raised before then replaces it whole."""
         self.set_status(status)
         self._set_json_headers()
-        self.finish(payload)
+        self.write(payload)
 
     def _set_json_headers(self) -> None:
         for name, value in _JSON_HEADERS:

@@ -45,6 +45,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from kvtornado.auth import PENDING_CLAIM, NonceClaim, replayed
 from kvtornado.config import CacheConfig, redact_url
 from kvtornado.errors import ConfigError, DurableTimeout, Overloaded, StorageError
 from kvtornado.ops import SAVE, WRITES, Op, Outcome, Record, apply_ops
@@ -75,14 +76,33 @@ SWEEP_INTERVAL_S = 10.0
 FLUSH_POLL_S = 0.02  # POST /flush looks at the log this often while other flushers hold its entries
 SAFE_POLICIES = ("noeviction", "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl")
 
-# KEYS: ver ceil log pending bytes failing, then one record key per touched key.
+# The prologue of _READ and _WRITE: the request's nonce claimed first, in the same step as its data (SPEC §10;
+# one round trip instead of two). The last key and the last four ARGV: nonce-key mode member ts limit, where
+# mode is '0' (nothing to claim, and no nonce key), 's' (SET NX with limit as the seconds to live: noeviction)
+# or 'z' (the sorted set, pruned below limit, the horizon: volatile-*). Answers {'REPLAY'} when it was seen.
+_CLAIM = """
+local nkeys, nargv = #KEYS, #ARGV
+local cmode = ARGV[nargv - 3]
+if cmode ~= '0' then
+  local ck = KEYS[nkeys]
+  nkeys = nkeys - 1
+  if cmode == 's' then
+    if not redis.call('SET', ck, ARGV[nargv - 1], 'NX', 'EX', ARGV[nargv]) then return {'REPLAY'} end
+  else
+    redis.call('ZREMRANGEBYSCORE', ck, '-inf', '(' .. ARGV[nargv])
+    if redis.call('ZADD', ck, 'NX', ARGV[nargv - 1], ARGV[nargv - 2]) == 0 then return {'REPLAY'} end
+  end
+end
+"""
+
+# KEYS: ver ceil log pending bytes failing, then one record key per touched key (then _CLAIM's).
 # ARGV: refuse durable max_dirty max_dirty_bytes ndraw nchecks [kidx token]* nwrites
 #       [kidx key size rel hasv value expires]* -- kidx: the record's index in KEYS; rel: the write's version
-#       relative to the first drawn (1..ndraw); expires: '' for none.
+#       relative to the first drawn (1..ndraw); expires: '' for none (then _CLAIM's four).
 # Answers {'OK', base} (version = base + rel), {'CONFLICT', n v x per checked key (the records now)},
-# {'FAILING', ms}, {'FULL', what, held},
+# {'FAILING', ms}, {'FULL', what, held}, {'REPLAY'} (_CLAIM),
 # {'NOINIT'} (no counter: Redis lost its memory) or {'NEEDBLOCK'} (the reserved versions are used up).
-_WRITE = """
+_WRITE = _CLAIM + """
 local function int(n) return string.format('%d', n) end
 local refuse, durable = ARGV[1] == '1', ARGV[2] == '1'
 local max_dirty, max_bytes, ndraw = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -192,10 +212,11 @@ return 1
 """
 
 # Records and the two counters in one atomic step (one command: a MULTI/EXEC pipeline costs redis-py five).
-# KEYS: ver gen, then one record key per key. Answers ver, gen, then n v x per record key.
-_READ = """
+# KEYS: ver gen, then one record key per key (then _CLAIM's). Answers ver, gen, then n v x per record key;
+# or {'REPLAY'} (_CLAIM).
+_READ = _CLAIM + """
 local out = {redis.call('GET', KEYS[1]) or '0', redis.call('GET', KEYS[2]) or '0'}
-for i = 3, #KEYS do
+for i = 3, nkeys do
   local r = redis.call('HMGET', KEYS[i], 'n', 'v', 'x')
   out[#out + 1] = r[1]; out[#out + 1] = r[2]; out[#out + 1] = r[3]
 end
@@ -414,10 +435,13 @@ class RedisCache:
 
     async def _read(self, keys: Sequence[str]) -> tuple[list[Record | None], int]:
         """The records Redis holds for ``keys`` (None: not there) and the commit generation, in one step."""
+        claim, claim_key, claim_args = self._claim_parts()
         try:
-            replies = await self._read_script(keys=[K_VER, K_GEN, *(self._rk(key) for key in keys)])
+            replies = await self._read_script(keys=[K_VER, K_GEN, *(self._rk(key) for key in keys), *claim_key],
+                                              args=claim_args)
         except RedisError as exc:
             raise self._unreachable(exc) from None
+        _claimed(claim, replies)
         self._counter_seen = max(self._counter_seen, int(replies[0]))
         # Lua turns a nil inside a table into false, which redis-py hands back as None.
         records = [_record(replies[i:i + 3]) for i in range(2, len(replies), 3)]
@@ -571,10 +595,12 @@ class RedisCache:
             args += [kidx(key), raw_key, len(raw_key) + len(raw_value), record.version - guess,
                      0 if record.value is None else 1, raw_value, _expires(record)]
         for _ in range(3):
+            claim, claim_key, claim_args = self._claim_parts()  # the first attempt claims it (or finds a replay)
             try:
-                reply = await self._write(keys=keys, args=args)
+                reply = await self._write(keys=keys + claim_key, args=args + claim_args)
             except RedisError as exc:
                 raise self._unreachable(exc) from None
+            _claimed(claim, reply)
             status = reply[0]
             if status == b"OK":
                 return int(reply[1])
@@ -876,6 +902,16 @@ class RedisCache:
 
     # -- nonces ---------------------------------------------------------------------------------
 
+    def _claim_parts(self) -> tuple[NonceClaim | None, list[bytes], list[Any]]:
+        """The request's unclaimed nonce (``auth.PENDING_CLAIM``) as _CLAIM's key and arguments."""
+        claim = PENDING_CLAIM.get()
+        if claim is None or claim.done:
+            return None, [], [b"0", b"", b"", b""]
+        member = f"{claim.key_id} {claim.nonce}".encode()
+        if self.policy == "noeviction":
+            return claim, [NONCE + member], [b"s", member, claim.ts, 2 * claim.window_s + 1]
+        return claim, [K_NONCES], [b"z", member, claim.ts, int(self.wall()) - claim.window_s]
+
     async def claim_nonce(self, key_id: str, nonce: str, ts: int, window_s: int) -> bool:
         """Remember a nonce for every server; False when some server has seen it already."""
         member = f"{key_id} {nonce}".encode()
@@ -886,6 +922,14 @@ class RedisCache:
             return bool(await self._nonce_zset(keys=[K_NONCES], args=[member, ts, horizon]))
         except RedisError as exc:
             raise self._unreachable(exc) from None
+
+
+def _claimed(claim: NonceClaim | None, reply: Sequence[Any]) -> None:
+    """After a script that carried ``claim``: it is made, and a replay is refused (401)."""
+    if claim is not None:
+        claim.done = True
+        if reply[0] == b"REPLAY":
+            raise replayed()
 
 
 def _id(entry_id: bytes) -> tuple[int, int]:

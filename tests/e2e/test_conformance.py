@@ -10,6 +10,7 @@ outage tests start their own.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,6 +187,44 @@ def test_incr_and_a_batch_is_all_or_nothing(kv: KVClient, prefix: str, pairing: 
                         {"op": "get", "key": prefix + "new"}, {"op": "delete", "key": prefix + "none"}])
     assert results[2]["value"] == 2 and results[1]["version"] > results[0]["version"]
     assert results[3] == {"key": prefix + "none", "deleted": False}
+
+
+def test_a_replayed_request_is_refused_on_every_route_and_changes_nothing(
+    kv: KVClient, prefix: str, pairing: Pairing
+) -> None:
+    # With the Redis cache the nonce is claimed in the same script as the data, or on its own when the request
+    # ends before reaching Redis (an error, a route without data): a replay is 401 either way, never served.
+    k, n = prefix + "k", prefix + "n"
+    kv.save(k, "v")
+    kv.incr(n, 5)
+
+    def body(doc: Any) -> bytes:
+        return json.dumps(doc).encode()
+
+    requests: list[tuple[str, str, dict[str, Any] | None, bytes, int]] = [
+        ("GET", "/get", {"key": k}, b"", 200),
+        ("GET", "/get", {"key": prefix + "absent"}, b"", 404),
+        ("GET", "/get", {"key": k, "colour": "red"}, b"", 400),  # an unknown parameter: refused before any data
+        ("POST", "/save", None, body({"key": prefix + "s", "value": 1}), 200),
+        ("POST", "/save", None, b"{not json", 400),
+        ("POST", "/incr", None, body({"key": n, "by": 1}), 200),
+        ("POST", "/incr", None, body({"key": k, "by": 1}), 409),  # "v" is no integer
+        ("POST", "/save", {"if_version": "1"}, body({"key": n, "value": 0}), 412),
+        ("DELETE", "/delete", {"key": prefix + "s"}, b"", 200),
+        ("POST", "/batch", None, body({"ops": [{"op": "incr", "key": n}, {"op": "get", "key": k}]}), 200),
+        ("GET", "/keys", {"prefix": prefix}, b"", 200),
+        ("GET", "/authorize", None, b"", 200),
+        ("PUT", "/get", None, b"", 405),  # authenticated first, then refused: its replay is still a replay
+    ]
+    for method, path, params, sent, status in requests:
+        req = kv.build(method, path, params=params, body=sent)
+        first = kv._send(req)
+        assert first.status == status, (method, path, first.status, first.body)
+        again = kv._send(req)
+        assert (again.status, again.json()["error"]) == (401, "replayed_nonce"), (method, path, again.body)
+    # The replays changed nothing: each write above happened once.
+    assert kv.get(n) == 5 + 1 + 1  # the /incr and the batch's incr, not their replays
+    assert refused(lambda: kv.get(prefix + "s"), 404, "not_found")
 
 
 def test_a_restart_keeps_every_value_and_never_reuses_a_version(

@@ -16,8 +16,17 @@ import pytest
 import redis.asyncio as aioredis
 
 from kvtornado import rediscache
+from kvtornado.auth import PENDING_CLAIM, NonceClaim
 from kvtornado.config import CacheConfig
-from kvtornado.errors import ConfigError, DurableTimeout, NotAnInteger, Overloaded, StorageError, VersionMismatch
+from kvtornado.errors import (
+    AuthError,
+    ConfigError,
+    DurableTimeout,
+    NotAnInteger,
+    Overloaded,
+    StorageError,
+    VersionMismatch,
+)
 from kvtornado.ops import Op, Record
 from kvtornado.rediscache import GROUP, K_LOG, RedisCache
 from kvtornado.store import SqliteStore
@@ -243,6 +252,53 @@ async def test_nonces_are_claimed_once_across_servers_under_either_policy(server
         assert await c.claim_nonce("kid", "z" * 16, now, 300)
         assert not await c.claim_nonce("kid", "z" * 16, now, 300)
         assert await r.ttl(b"kv:nonces") == -1  # under volatile-*, only clean entries have a time to live
+    finally:
+        await r.config_set("maxmemory-policy", "noeviction")
+        await r.aclose()
+
+
+async def _with_claim(key_id: str, nonce: str, step: Any) -> NonceClaim:
+    """Run ``step()`` as a request whose nonce is deferred (``authenticate(defer=True)``), in a task of its own
+    as Tornado runs each request; the claim it carried."""
+    claim = NonceClaim(key_id, nonce, int(time.time()), 300)
+
+    async def request() -> None:
+        PENDING_CLAIM.set(claim)
+        await step()
+
+    await asyncio.ensure_future(request())
+    return claim
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("policy", ["noeviction", "volatile-lru"])
+async def test_a_deferred_nonce_is_claimed_by_the_data_script_and_a_replay_changes_nothing(
+    servers: Servers, policy: str
+) -> None:
+    r = raw(servers.url)
+    await r.config_set("maxmemory-policy", policy)
+    try:
+        a, b = await servers.cache(), await servers.cache()
+        await a.put("k", '"v"')
+        calls: list[Any] = []
+
+        async def counted(*args: Any) -> bool:  # the separate claim: never needed when the data goes to Redis
+            calls.append(args)
+            return True
+
+        a.claim_nonce = b.claim_nonce = counted  # type: ignore[method-assign]
+        get = await _with_claim("kid", "g" * 16, lambda: a.get_record("k"))
+        save = await _with_claim("kid", "s" * 16, lambda: a.put("k", '"w"'))
+        assert get.done and save.done and calls == []
+        # The same nonces again, through another server: refused before the data is touched.
+        for nonce, step in [("g" * 16, lambda: b.get_record("k")), ("s" * 16, lambda: b.put("k", '"x"')),
+                            ("s" * 16, lambda: b.apply([Op("incr", "n", by=1)]))]:
+            with pytest.raises(AuthError) as err:
+                await _with_claim("kid", nonce, step)
+            assert err.value.code == "replayed_nonce"
+        assert (await b.get_record("k")).value == '"w"'  # type: ignore[union-attr]
+        assert await b.get_record("n") is None
+        assert calls == []
     finally:
         await r.config_set("maxmemory-policy", "noeviction")
         await r.aclose()
